@@ -1,0 +1,2026 @@
+"""Run Anthropic Messages API clients (Claude Code, the anthropic SDK) on Google Gemini.
+
+One file, standard library only, Python 3.9+.  The proxy speaks the Anthropic Messages API
+to its clients and the Gemini REST API (v1beta) upstream.
+
+Run:   GEMINI_API_KEY=... python3 claude_gemini_proxy.py      (listens on 127.0.0.1:8318)
+Use:   ANTHROPIC_BASE_URL=http://127.0.0.1:8318 ANTHROPIC_API_KEY=anything claude
+Test:  python3 -m pip install pytest && python3 -m pytest -q
+
+Environment (command-line flags beat the environment, which beats a ./.env file):
+  GEMINI_API_KEY        required; several keys, comma-separated, are used in turn
+  GEMINI_API_BASE       https://generativelanguage.googleapis.com/v1beta
+  GEMINI_AUTH_TYPE      unset: x-goog-api-key header; "bearer": Authorization: Bearer
+  HOST, PORT            127.0.0.1, 8318
+  PROXY_AUTH_TOKEN      when set, clients must send it (x-api-key or Bearer)
+  DEFAULT_GEMINI_MODEL  gemini-3.5-flash
+  MODEL_MAP             extra routing, e.g. "claude-haiku-*=gemini-3.5-flash"
+  MAX_OUTPUT_TOKENS     60000 (clamp for max_tokens)
+  STREAM_MODE           live (relay chunks) or buffered (one upstream call, replayed)
+  UPSTREAM_TIMEOUT      600 seconds to the first byte and between stream chunks
+  MAX_RETRY_WAIT        30 seconds; longer upstream retry delays become a 429 at once
+  PROXY_SIGNATURE_KEY   HMAC key for thought-signature carriers (default: from the API key)
+  MAX_REQUEST_BYTES     33554432
+  SHUTDOWN_GRACE        30 seconds for in-flight requests after SIGTERM/SIGINT
+  DEBUG                 true/1 for per-request and upstream logs (secrets redacted)
+
+Sections (grep '^# ==' for line numbers): Configuration, Errors, Signature store,
+Request: Anthropic -> Gemini, Response: Gemini -> Anthropic, Upstream client,
+HTTP handler, Main.
+
+Copyright (c) 2026 the claude_gemini_proxy authors.
+License: MIT (see LICENSE)
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import fnmatch
+import hashlib
+import hmac
+import http.client
+import json
+import logging
+import mimetypes
+import os
+import random
+import re
+import secrets
+import signal
+import socket
+import socketserver
+import ssl
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+__version__ = "1.0.0"
+__all__ = [
+    "Config", "read_config", "map_model", "ProxyError", "SignatureStore", "to_gemini_request",
+    "ResponseFold", "UpstreamClient", "ProxyHandler", "build_server", "main",
+]
+
+log = logging.getLogger("claude_gemini_proxy")
+
+# == Configuration ============================================================
+# Defaults live on Config; read_config() turns flags, environment and .env text into one.
+
+DEFAULT_API_BASE = "https://generativelanguage.googleapis.com/v1beta"
+DEFAULT_MAX_TOKENS = 32768  # when a client omits max_tokens
+GEMINI_STOP_SEQUENCE_LIMIT = 5
+GEMINI_DECLARATION_LIMIT = 512
+BYPASS_SIGNATURE = "skip_thought_signature_validator"
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 8318
+    api_keys: tuple = ()  # several keys spread load; the first one also seeds the signature key
+    api_base: str = DEFAULT_API_BASE  # any gateway speaking the Gemini REST API
+    auth_type: str = ""  # "bearer" for gateways and Vertex tokens
+    proxy_auth_token: str = ""  # empty: the proxy is open (it binds to loopback by default)
+    default_model: str = "gemini-3.5-flash"
+    model_map: tuple = ()  # ((glob, gemini model), ...), first match wins
+    max_output_tokens: int = 60000  # clamp: larger values get a Gemini 400
+    stream_mode: str = "live"  # "buffered" for gateways that cannot stream
+    upstream_timeout: float = 600.0  # long thinking is normal; this is to first byte and between chunks
+    connect_timeout: float = 10.0
+    max_retry_wait: float = 30.0  # past this, answer 429 with retry-after instead of waiting
+    max_retries: int = 2  # upstream 429/500/503 retries before anything reached the client
+    signature_key: bytes = b""  # HMAC key of signature carriers; instances sharing it agree
+    max_request_bytes: int = 32 * 1024 * 1024  # the Anthropic API's own limit
+    ping_interval: float = 15.0  # SSE keep-alive when nothing was written for this long
+    client_timeout: float = 300.0  # idle keep-alive clients and slow request bodies
+    shutdown_grace: float = 30.0
+    https_proxy: str = ""  # egress proxies, read as urllib reads HTTPS_PROXY/HTTP_PROXY/NO_PROXY
+    http_proxy: str = ""
+    no_proxy: str = ""
+    debug: bool = False
+
+
+ENV_OPTIONS = (
+    # (env name, flag, Config field, converter, help)
+    ("HOST", "--host", "host", str, "address to listen on"),
+    ("PORT", "--port", "port", int, "port to listen on"),
+    ("GEMINI_API_BASE", "--api-base", "api_base", str, "Gemini REST base URL (any gateway)"),
+    ("GEMINI_AUTH_TYPE", None, "auth_type", str, "unset: x-goog-api-key; bearer: Authorization"),
+    ("PROXY_AUTH_TOKEN", None, "proxy_auth_token", str, "token clients must send"),
+    ("DEFAULT_GEMINI_MODEL", "--default-model", "default_model", str, "model for non-Gemini names"),
+    ("MAX_OUTPUT_TOKENS", None, "max_output_tokens", int, "clamp for max_tokens"),
+    ("STREAM_MODE", "--stream-mode", "stream_mode", str, "live or buffered"),
+    ("UPSTREAM_TIMEOUT", None, "upstream_timeout", float, "seconds to first byte / between chunks"),
+    ("MAX_RETRY_WAIT", None, "max_retry_wait", float, "longest upstream retry delay honoured"),
+    ("MAX_REQUEST_BYTES", None, "max_request_bytes", int, "largest request body accepted"),
+    ("SHUTDOWN_GRACE", None, "shutdown_grace", float, "seconds in-flight work gets on SIGTERM"),
+)
+
+
+def parse_dotenv(text: str) -> dict:
+    """Return the KEY=VALUE pairs of .env text (# comments, optional quotes, optional export)."""
+    values = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        key = key.strip()
+        if key.startswith("export "):
+            key = key[7:].strip()
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        elif " #" in value:
+            value = value.split(" #", 1)[0].rstrip()
+        values[key] = value
+    return values
+
+
+def parse_model_map(text: str) -> tuple:
+    """Return ((glob, model), ...) from "pattern=model,pattern=model"."""
+    rules = []
+    for item in text.split(","):
+        pattern, sep, model = item.partition("=")
+        if item.strip() and (not sep or not pattern.strip() or not model.strip()):
+            raise ValueError(f"MODEL_MAP entry {item.strip()!r} is not pattern=model")
+        if sep:
+            rules.append((pattern.strip(), model.strip()))
+    return tuple(rules)
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    """Return the command-line parser; its help lists every option and variable."""
+    defaults = Config()
+    epilog = ["environment variables (flags beat them; they beat ./.env):",
+              "  GEMINI_API_KEY        required: key, or k1,k2,k3 to spread load"]
+    for env, _flag, name, _conv, text in ENV_OPTIONS:
+        epilog.append(f"  {env:<21} {text} (default: {getattr(defaults, name)!r})")
+    epilog += ["  MODEL_MAP             glob=model,... checked after the built-in table",
+               "  PROXY_SIGNATURE_KEY   HMAC key for signature carriers (default: derived from key)",
+               "  DEBUG                 true/1: log each request and upstream call",
+               "", "example:  GEMINI_API_KEY=... python3 claude_gemini_proxy.py --port 8318"]
+    parser = argparse.ArgumentParser(
+        prog="claude_gemini_proxy.py",
+        description="Serve the Anthropic Messages API on top of Google Gemini.",
+        epilog="\n".join(epilog), formatter_class=argparse.RawDescriptionHelpFormatter)
+    for env, flag, name, conv, text in ENV_OPTIONS:
+        if flag:
+            parser.add_argument(flag, dest=name, type=conv, default=None,
+                                help=f"{text} (env {env}; default {getattr(defaults, name)})")
+    parser.add_argument("--env-file", default=None, help="read KEY=VALUE lines (default ./.env)")
+    parser.add_argument("--debug", action="store_true", default=None, help="verbose logs (env DEBUG)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def read_config(argv: list | None, environ: dict, dotenv_text: str = "") -> Config:
+    """Return the Config for flags, environment and .env text; raise ValueError when unusable."""
+    args = build_arg_parser().parse_args(argv)
+    env = parse_dotenv(dotenv_text)
+    env.update(environ)
+    values = {}
+    for name_env, _flag, name, conv, _text in ENV_OPTIONS:
+        raw = getattr(args, name, None)
+        if raw is None and env.get(name_env, "") != "":
+            try:
+                raw = conv(env[name_env])
+            except ValueError:
+                raise ValueError(f"{name_env}={env[name_env]!r} is not a valid {conv.__name__}")
+        if raw is not None:
+            values[name] = raw
+    keys = tuple(k.strip() for k in env.get("GEMINI_API_KEY", "").split(",") if k.strip())
+    if not keys:
+        raise ValueError("GEMINI_API_KEY is not set: run `GEMINI_API_KEY=your-key python3 "
+                         "claude_gemini_proxy.py` or put GEMINI_API_KEY=... in .env")
+    values["auth_type"] = values.get("auth_type", "").lower()
+    if values["auth_type"] not in ("", "bearer"):
+        raise ValueError("GEMINI_AUTH_TYPE must be unset or 'bearer'")
+    if values.get("stream_mode", "live") not in ("live", "buffered"):
+        raise ValueError("STREAM_MODE must be 'live' or 'buffered'")
+    if not re.match(r"^https?://[^/]+", values.get("api_base", DEFAULT_API_BASE)):
+        raise ValueError("GEMINI_API_BASE must be an http:// or https:// URL")
+    signature_secret = env.get("PROXY_SIGNATURE_KEY", "")
+    if signature_secret:
+        signature_key = hashlib.sha256(signature_secret.encode()).digest()
+    else:
+        signature_key = hmac.new(keys[0].encode(), b"claude_gemini_proxy signatures v1",
+                                 hashlib.sha256).digest()
+    debug = args.debug or env.get("DEBUG", "").lower() in ("1", "true", "yes")
+    for name in ("https_proxy", "http_proxy", "no_proxy"):
+        values[name] = env.get(name.upper()) or env.get(name) or ""
+    return Config(api_keys=keys, model_map=parse_model_map(env.get("MODEL_MAP", "")),
+                  signature_key=signature_key, debug=bool(debug), **values)
+
+
+# The original routing rows: these client names go to DEFAULT_GEMINI_MODEL (None) or pass through.
+MODEL_TABLE = {
+    "Kimi-K2.5": None,
+    "Claude Sonnet 4.6": None,
+    "Claude Opus 4.6": None,
+    "gemini-3.5-flash": "gemini-3.5-flash",
+    "gemini-3.1-pro-preview": "gemini-3.1-pro-preview",
+}
+UNSAFE_MODEL_PARTS = ("/", "?", "#", "%", "..", "\\")
+
+
+def map_model(client_model: str, config: Config) -> str:
+    """Return the Gemini model for a client's model name; raise ProxyError for unsafe names."""
+    name = client_model[:-4] if client_model.endswith("[1m]") else client_model
+    if any(bad in name for bad in UNSAFE_MODEL_PARTS) or not name.strip():
+        raise ProxyError(400, "invalid_request_error", f"model: {client_model!r} is not a valid model name")
+    if name in MODEL_TABLE:
+        return MODEL_TABLE[name] or config.default_model
+    for pattern, target in config.model_map:
+        if fnmatch.fnmatchcase(name, pattern):
+            return target
+    if name.startswith("gemini-"):
+        return name
+    return config.default_model
+
+
+def model_version(model: str) -> tuple:
+    """Return (major, minor) of a Gemini model name; unknown names count as current (3, 0)."""
+    match = MODEL_VERSION_RE.match(model)
+    if not match:
+        return (3, 0)
+    return (int(match.group(1)), int(match.group(2) or 0))
+
+
+MODEL_VERSION_RE = re.compile(r"gemini-(\d+)(?:\.(\d+))?")
+
+
+# == Errors ===================================================================
+# ProxyError is what a client receives; UPSTREAM_ERRORS maps Gemini statuses onto it.
+
+class ProxyError(Exception):
+    """An error the client receives as an Anthropic error body."""
+
+    def __init__(self, status: int, error_type: str, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+        self.message = message
+        self.headers = headers or {}
+
+    def body(self, request_id: str = "") -> dict:
+        error = {"type": "error", "error": {"type": self.error_type, "message": self.message}}
+        if request_id:
+            error["request_id"] = request_id
+        return error
+
+
+class ClientGone(Exception):
+    """The client closed its connection; stop working for it."""
+
+
+# Gemini HTTP status -> (client status, Anthropic error type)
+UPSTREAM_ERRORS = {
+    400: (400, "invalid_request_error"),
+    401: (403, "permission_error"),
+    403: (403, "permission_error"),
+    404: (404, "not_found_error"),
+    408: (504, "timeout_error"),
+    413: (413, "request_too_large"),
+    429: (429, "rate_limit_error"),
+    500: (500, "api_error"),
+    502: (502, "api_error"),
+    503: (529, "overloaded_error"),
+    504: (504, "timeout_error"),
+}
+# Errors a retry cannot fix: Claude Code stops retrying on x-should-retry: false.
+NOT_RETRYABLE = {400, 401, 403, 404, 413}
+DEFAULT_RETRY_AFTER = 10
+CONTEXT_OVERFLOW_RE = re.compile(r"input token count \(?(\d+)\)? exceeds the maximum number of "
+                                 r"tokens allowed \(?(\d+)\)?", re.IGNORECASE)
+
+
+def parse_retry_delay(error: dict) -> float | None:
+    """Return the seconds of a Gemini RetryInfo detail, or None."""
+    for detail in error.get("details") or ():
+        delay = isinstance(detail, dict) and detail.get("retryDelay")
+        if isinstance(delay, str) and delay.endswith("s"):
+            try:
+                return float(delay[:-1])
+            except ValueError:
+                return None
+    return None
+
+
+def upstream_error(status: int, payload: bytes) -> ProxyError:
+    """Return the ProxyError for a Gemini error response."""
+    try:
+        error = json.loads(payload)
+        if isinstance(error, list) and error:
+            error = error[0]
+        error = error.get("error") or {}
+        message = str(error.get("message") or "")
+    except (ValueError, AttributeError):
+        error, message = {}, payload[:500].decode("utf-8", "replace")
+    client_status, error_type = UPSTREAM_ERRORS.get(
+        status, (500, "api_error") if status >= 500 else (400, "invalid_request_error"))
+    headers = {}
+    overflow = CONTEXT_OVERFLOW_RE.search(message)
+    if overflow:
+        message = f"prompt is too long: {overflow.group(1)} tokens > {overflow.group(2)} maximum"
+    elif status in (401, 403) or (status == 400 and "API_KEY_INVALID" in json.dumps(error)):
+        client_status, error_type = 403, "permission_error"
+        message = f"Gemini rejected the proxy's API key: {message}"
+    else:
+        message = f"Gemini: {message}" if message else f"Gemini answered HTTP {status}"
+    if client_status in (429, 529):
+        delay = parse_retry_delay(error)
+        headers["retry-after"] = str(max(1, int(delay + 0.999)) if delay else DEFAULT_RETRY_AFTER)
+    if status in NOT_RETRYABLE:
+        headers["x-should-retry"] = "false"
+    proxy_error = ProxyError(client_status, error_type, message, headers)
+    proxy_error.retry_delay = parse_retry_delay(error)
+    proxy_error.upstream_status = status
+    proxy_error.key_invalid = "API_KEY_INVALID" in json.dumps(error) or status == 401
+    return proxy_error
+
+
+def bad_request(message: str) -> ProxyError:
+    return ProxyError(400, "invalid_request_error", message, {"x-should-retry": "false"})
+
+
+# == Signature store ==========================================================
+# Gemini's thought signatures travel with the conversation inside HMAC-tagged carriers
+# (tool_use ids and thinking signatures); the LRU only saves re-verifying them.
+
+CARRIER_VERSION = b"\x01"
+CARRIER_MAC_BYTES = 16
+CARRIER_NONCE_BYTES = 6  # two calls with the same Gemini call id still get distinct tool ids
+# What kind of Gemini part a signature came on, so replay puts it back on the same kind.
+KIND_CALL, KIND_THOUGHT, KIND_TEXT = b"f", b"t", b"x"
+
+
+@dataclass(frozen=True)
+class Carried:
+    """What a carrier holds: the issuing model, part kind, Gemini call id and signature."""
+    model: str
+    kind: bytes
+    call_id: str
+    signature: str
+
+
+def _b64url(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def encode_carrier(key: bytes, carried: Carried) -> str:
+    """Return an id-safe token ([A-Za-z0-9_-]) holding `carried`, tagged with an HMAC."""
+    model, call_id = carried.model.encode(), carried.call_id.encode()
+    signature = carried.signature.encode("ascii", "replace")
+    try:  # store canonical base64 as bytes (a quarter shorter); anything else verbatim
+        raw = base64.b64decode(signature, validate=True)
+        packed = b"\x01" + raw if base64.b64encode(raw) == signature else b"\x00" + signature
+    except (binascii.Error, ValueError):
+        packed = b"\x00" + signature
+    if len(model) > 255 or len(call_id) > 255:
+        raise ValueError("model or call id too long for a carrier")
+    payload = (CARRIER_VERSION + secrets.token_bytes(CARRIER_NONCE_BYTES) + carried.kind
+               + bytes([len(model)]) + model
+               + bytes([len(call_id)]) + call_id + packed)
+    mac = hmac.new(key, payload, hashlib.sha256).digest()[:CARRIER_MAC_BYTES]
+    return _b64url(payload + mac)
+
+
+def decode_carrier(key: bytes, token: str) -> Carried | None:
+    """Return what a carrier token holds, or None if it is not ours or was altered."""
+    try:
+        blob = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except (binascii.Error, ValueError):
+        return None
+    payload, mac = blob[:-CARRIER_MAC_BYTES], blob[-CARRIER_MAC_BYTES:]
+    if len(payload) < 5 + CARRIER_NONCE_BYTES or payload[:1] != CARRIER_VERSION:
+        return None
+    if not hmac.compare_digest(mac, hmac.new(key, payload, hashlib.sha256).digest()[:CARRIER_MAC_BYTES]):
+        return None
+    at = 1 + CARRIER_NONCE_BYTES
+    kind, at = payload[at:at + 1], at + 1
+    model = payload[at + 1:at + 1 + payload[at]].decode()
+    at += 1 + payload[at]
+    call_id = payload[at + 1:at + 1 + payload[at]].decode()
+    at += 1 + payload[at]
+    packed = payload[at:]
+    if packed[:1] == b"\x01":
+        signature = base64.b64encode(packed[1:]).decode("ascii")
+    else:
+        signature = packed[1:].decode("ascii")
+    return Carried(model, kind, call_id, signature)
+
+
+class SignatureStore:
+    """Thread-safe LRU of verified carriers: token -> Carried, bounded in size and age."""
+
+    def __init__(self, key: bytes, max_entries: int = 100_000, ttl: float = 3600.0,
+                 now=time.monotonic):
+        self.key = key
+        self.max_entries = max_entries
+        self.ttl = ttl
+        self.now = now
+        self._entries: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def put(self, token: str, carried: Carried) -> None:
+        with self._lock:
+            self._entries[token] = (self.now() + self.ttl, carried)
+            self._entries.move_to_end(token)
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+
+    def get(self, token: str) -> Carried | None:
+        with self._lock:
+            entry = self._entries.get(token)
+            if entry is None:
+                return None
+            if entry[0] < self.now():
+                del self._entries[token]
+                return None
+            self._entries.move_to_end(token)
+            return entry[1]
+
+    def issue(self, carried: Carried) -> str:
+        """Return a new carrier token for `carried` and remember it."""
+        token = encode_carrier(self.key, carried)
+        self.put(token, carried)
+        return token
+
+    def resolve(self, token: str) -> Carried | None:
+        """Return the Carried behind a token: from memory, else verified from the token itself."""
+        if not token:
+            return None
+        carried = self.get(token)
+        if carried is None:
+            carried = decode_carrier(self.key, token)
+            if carried is not None:
+                self.put(token, carried)
+        return carried
+
+
+# == Request: Anthropic -> Gemini =============================================
+# to_gemini_request() is pure: a Messages body in, a GeminiRequest (body + what the
+# response side needs to know) out. One helper per block kind.
+
+SUPPORTED_IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/heic", "image/heif")
+# Kinds Gemini 3 takes inside functionResponse.parts; older models get them as sibling parts.
+FUNCTION_RESPONSE_MEDIA = ("image/png", "image/jpeg", "image/webp", "application/pdf", "text/plain")
+GEMINI_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,63}$")
+GEMINI_NAME_BAD_CHARS_RE = re.compile(r"[^A-Za-z0-9_.:-]")
+BILLING_HEADER_PREFIX = "x-anthropic-billing-header"
+SAFETY_OFF = [{"category": c, "threshold": "OFF"} for c in (
+    "HARM_CATEGORY_HARASSMENT", "HARM_CATEGORY_HATE_SPEECH",
+    "HARM_CATEGORY_SEXUALLY_EXPLICIT", "HARM_CATEGORY_DANGEROUS_CONTENT")]
+TOOL_CHOICE_MODES = {"auto": "AUTO", "any": "ANY", "tool": "ANY", "none": "NONE"}
+EFFORT_LEVELS = {"low": "LOW", "medium": "MEDIUM", "high": "HIGH", "xhigh": "HIGH", "max": "HIGH"}
+EFFORT_BUDGETS = {"low": 1024, "medium": 8192, "high": 16384, "xhigh": 24576, "max": 32768}
+
+
+@dataclass
+class GeminiRequest:
+    """A translated request: the Gemini body plus what the response side needs."""
+    client_model: str
+    model: str
+    body: dict
+    stream: bool = False
+    tool_names: dict = field(default_factory=dict)  # Gemini function name -> client tool name
+    stop_sequences: tuple = ()
+    thinking: str = ""  # "" (no thinking blocks), "summarized" or "omitted"
+    web_search: dict | None = None  # the client's web_search tool when Google Search answers
+
+
+def gemini_tool_name(name: str) -> str:
+    """Return a function name Gemini accepts; a changed name gets a hash so it stays unique."""
+    if GEMINI_NAME_RE.match(name):
+        return name
+    cleaned = GEMINI_NAME_BAD_CHARS_RE.sub("_", name)
+    if not re.match(r"[A-Za-z_]", cleaned):
+        cleaned = "_" + cleaned
+    return f"{cleaned[:55]}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+
+
+def _expect(value, kinds, field_name: str):
+    if not isinstance(value, kinds) or isinstance(value, bool) and bool not in _as_tuple(kinds):
+        names = " or ".join(k.__name__.replace("dict", "object").replace("list", "array")
+                            .replace("str", "string") for k in _as_tuple(kinds))
+        raise bad_request(f"{field_name}: must be {names}")
+    return value
+
+
+def _as_tuple(kinds) -> tuple:
+    return kinds if isinstance(kinds, tuple) else (kinds,)
+
+
+def _check_body(body) -> None:
+    if not isinstance(body, dict):
+        raise bad_request("request body must be a JSON object")
+    if "model" not in body:
+        raise bad_request("model: field required")
+    if not _expect(body["model"], str, "model").strip():
+        raise bad_request("model: must not be empty")
+    if "messages" not in body:
+        raise bad_request("messages: field required")
+    _expect(body["messages"], list, "messages")
+    optional = (("max_tokens", int), ("stream", bool), ("system", (str, list)), ("tools", list),
+                ("tool_choice", dict), ("stop_sequences", list), ("temperature", (int, float)),
+                ("top_p", (int, float)), ("top_k", int), ("thinking", dict), ("output_config", dict))
+    for name, kinds in optional:
+        if body.get(name) is not None:
+            _expect(body[name], kinds, name)
+    for i, sequence in enumerate(body.get("stop_sequences") or ()):
+        _expect(sequence, str, f"stop_sequences.{i}")
+
+
+def _blocks(content, where: str) -> list:
+    """Return a message content as a block list (a string is one text block)."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    _expect(content, list, where)
+    for i, block in enumerate(content):
+        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+            raise bad_request(f"{where}.{i}: must be an object with a type")
+    return content
+
+
+def _texts(content, where: str) -> list:
+    """Return the text strings of a system prompt (string or text blocks)."""
+    texts = []
+    for block in _blocks(content, where):
+        text = block.get("text")
+        if block["type"] == "text" and isinstance(text, str) and text:
+            if not text.startswith(BILLING_HEADER_PREFIX):  # changes per call: defeats caching
+                texts.append(text)
+    return texts
+
+
+def _check_media_type(media_type: str, allowed: tuple, where: str) -> str:
+    if media_type not in allowed:
+        raise bad_request(f"{where}: {media_type or 'this media type'} is not supported by Gemini; "
+                          f"send one of {', '.join(allowed)}")
+    return media_type
+
+
+def _media_parts(block: dict, where: str) -> list:
+    """Return the Gemini parts for an image or document block."""
+    source = block.get("source") if isinstance(block.get("source"), dict) else {}
+    kind = source.get("type")
+    if block["type"] == "image":
+        if kind == "base64":
+            media_type = _check_media_type(source.get("media_type", ""), SUPPORTED_IMAGE_TYPES, where)
+            return [{"inlineData": {"mimeType": media_type, "data": _base64_data(source, where)}}]
+        if kind == "url" and isinstance(source.get("url"), str):
+            guessed = mimetypes.guess_type(source["url"])[0] or "image/jpeg"
+            media_type = _check_media_type(guessed, SUPPORTED_IMAGE_TYPES, where)
+            return [{"fileData": {"mimeType": media_type, "fileUri": source["url"]}}]
+        raise bad_request(f"{where}: image source type {kind!r} is not supported (use base64 or url)")
+    if kind == "base64":  # document
+        media_type = source.get("media_type") or "application/pdf"
+        if media_type == "text/plain":
+            text = base64.b64decode(_base64_data(source, where)).decode("utf-8", "replace")
+            return [{"text": text}]
+        _check_media_type(media_type, ("application/pdf",), where)
+        return [{"inlineData": {"mimeType": media_type, "data": _base64_data(source, where)}}]
+    if kind == "text" and isinstance(source.get("data"), str):
+        return [{"text": source["data"]}] if source["data"] else []
+    if kind == "url" and isinstance(source.get("url"), str):
+        return [{"fileData": {"mimeType": "application/pdf", "fileUri": source["url"]}}]
+    if kind == "content":
+        inner = source.get("content")
+        parts = []
+        for i, item in enumerate(_blocks(inner if inner is not None else "", f"{where}.source.content")):
+            if item["type"] == "text" and item.get("text"):
+                parts.append({"text": item["text"]})
+            elif item["type"] == "image":
+                parts.extend(_media_parts(item, f"{where}.source.content.{i}"))
+        return parts
+    raise bad_request(f"{where}: document source type {kind!r} is not supported by Gemini")
+
+
+def _base64_data(source: dict, where: str) -> str:
+    data = source.get("data")
+    if not isinstance(data, str) or not data:
+        raise bad_request(f"{where}.source.data: must be a non-empty base64 string")
+    if data.startswith("data:"):  # some clients send data URLs
+        data = data.partition(",")[2]
+    return data
+
+
+def _tool_result_parts(block: dict, call: tuple | None, new_media: bool, where: str) -> tuple:
+    """Return (functionResponse part, parts to place after the responses) for a tool_result."""
+    content = block.get("content")
+    texts, media = [], []
+    items = _blocks(content, f"{where}.content") if content not in (None, "") else []
+    for i, item in enumerate(items):
+        kind = item["type"]
+        if kind == "text":  # {text}
+            texts.append(item.get("text") or "")
+        elif kind == "tool_reference":  # {tool_name}: Claude Code's tool search loaded a tool
+            texts.append(f"Tool {item.get('tool_name')} is now available to call.")
+        elif kind in ("image", "document"):  # {source}
+            for part in _media_parts(item, f"{where}.content.{i}"):
+                if "text" in part:
+                    texts.append(part["text"])
+                else:
+                    media.append(part)
+        elif kind == "search_result":  # {source, title, content: [text]}
+            inner = "\n".join(c.get("text", "") for c in item.get("content") or () if isinstance(c, dict))
+            texts.append(f"{item.get('title', '')} ({item.get('source', '')})\n{inner}")
+        else:
+            texts.append(json.dumps(item, ensure_ascii=False))
+    text = "\n".join(texts)
+    if call is None:  # no matching tool_use just before: keep the result as plain text
+        return None, [{"text": f"[tool result {block.get('tool_use_id')}]\n{text}"}] + media
+    name, call_id = call
+    response = {"error": text} if block.get("is_error") else {"result": text}
+    function_response = {"name": name, "response": response}
+    if call_id:
+        function_response["id"] = call_id
+    if media and new_media and all(_part_mime(p) in FUNCTION_RESPONSE_MEDIA for p in media):
+        function_response["parts"] = media
+        media = []
+    return {"functionResponse": function_response}, media
+
+
+def _part_mime(part: dict) -> str:
+    return (part.get("inlineData") or part.get("fileData") or {}).get("mimeType", "")
+
+
+class _HistoryTranslator:
+    """Walks the messages once, turning blocks into Gemini contents for one target model."""
+
+    def __init__(self, model: str, signatures: SignatureStore):
+        self.model = model
+        self.signatures = signatures
+        self.new_media = model_version(model) >= (3, 0)
+        self.contents: list = []
+        self.system: list = []
+        self.pending: OrderedDict = OrderedDict()  # tool_use id -> (gemini name, call id)
+
+    def add(self, message, where: str) -> None:
+        if not isinstance(message, dict):
+            raise bad_request(f"{where}: must be an object")
+        role = message.get("role")
+        if "content" not in message:
+            raise bad_request(f"{where}.content: field required")
+        if role == "system":  # Claude Code puts role=system entries inside messages
+            self.system.extend(_texts(message["content"], f"{where}.content"))
+            return
+        if role not in ("user", "assistant"):
+            raise bad_request(f"{where}.role: must be 'user' or 'assistant'")
+        blocks = _blocks(message["content"], f"{where}.content")
+        if role == "assistant":
+            self._append("model", self._model_parts(blocks, where))
+        else:
+            self._append("user", self._user_parts(blocks, where))
+
+    def _append(self, role: str, parts: list) -> None:
+        if not parts:
+            return
+        if self.contents and self.contents[-1]["role"] == role:
+            self.contents[-1]["parts"].extend(parts)
+        else:
+            self.contents.append({"role": role, "parts": parts})
+
+    def _model_parts(self, blocks: list, where: str) -> list:
+        parts = []
+        for i, block in enumerate(blocks):
+            kind = block["type"]
+            if kind == "text":  # {text}
+                if block.get("text"):
+                    parts.append({"text": block["text"]})
+            elif kind == "thinking":  # {thinking, signature}: only Gemini's own, same model
+                carried = self.signatures.resolve(block.get("signature") or "")
+                if carried and carried.model == self.model and carried.kind == KIND_THOUGHT:
+                    parts.append({"text": block.get("thinking") or "", "thought": True,
+                                  "thoughtSignature": carried.signature})
+                elif carried and carried.model == self.model and carried.kind == KIND_TEXT:
+                    parts.append({"text": "", "thoughtSignature": carried.signature})
+            elif kind == "tool_use":  # {id, name, input}
+                parts.append(self._call_part(block, f"{where}.content.{i}"))
+            # redacted_thinking, server_tool_use and server results have no Gemini form
+        return parts
+
+    def _call_part(self, block: dict, where: str) -> dict:
+        tool_id, name = block.get("id"), block.get("name")
+        if not isinstance(tool_id, str) or not isinstance(name, str):
+            raise bad_request(f"{where}: tool_use needs string id and name")
+        args = block.get("input")
+        args = args if isinstance(args, dict) else {}
+        carried = self.signatures.resolve(tool_id[6:]) if tool_id.startswith("toolu_") else None
+        call = {"name": gemini_tool_name(name), "args": args}
+        if carried and carried.call_id:
+            call["id"] = carried.call_id
+        part = {"functionCall": call}
+        if carried and carried.signature and carried.model == self.model:
+            part["thoughtSignature"] = carried.signature
+        self.pending[tool_id] = (call["name"], call.get("id", ""))
+        return part
+
+    def _user_parts(self, blocks: list, where: str) -> list:
+        pending, self.pending = self.pending, OrderedDict()
+        responses, parts, after = {}, [], []
+        for i, block in enumerate(blocks):
+            kind, here = block["type"], f"{where}.content.{i}"
+            if kind == "text":  # {text}
+                if block.get("text"):
+                    parts.append({"text": block["text"]})
+            elif kind in ("image", "document"):  # {source}
+                parts.extend(_media_parts(block, here))
+            elif kind == "tool_result":  # {tool_use_id, content, is_error}
+                tool_id = block.get("tool_use_id")
+                call = pending.get(tool_id) if tool_id not in responses else None
+                response, extra = _tool_result_parts(block, call, self.new_media, here)
+                if response is None:
+                    parts.extend(extra)
+                else:
+                    responses[tool_id] = response
+                    after.extend(extra)
+            elif kind == "search_result":
+                parts.extend(_tool_result_parts({"content": [block]}, None, False, here)[1])
+        # Gemini wants one response per call, in call order, before the turn's other parts.
+        ordered = [responses.get(tool_id) or {"functionResponse": dict(
+            {"name": name, "response": {"error": "No result was recorded for this call."}},
+            **({"id": call_id} if call_id else {}))} for tool_id, (name, call_id) in pending.items()]
+        return ordered + after + parts
+
+    def finish(self) -> list:
+        """Return the contents, with the bypass signature where Gemini 3 requires one."""
+        contents = self.contents
+        if contents and contents[0]["role"] == "model":  # Gemini rejects history opening on a call
+            contents.insert(0, {"role": "user", "parts": [{"text": "(continued conversation)"}]})
+        for content in contents:  # parts of consecutive same-role messages: responses first
+            if content["role"] == "user" and len(content["parts"]) > 1:
+                content["parts"].sort(key=lambda part: "functionResponse" not in part)
+        turn_start = 0
+        for i, content in enumerate(contents):
+            if content["role"] == "user" and any("functionResponse" not in p for p in content["parts"]):
+                turn_start = i
+        for content in contents[turn_start:]:
+            if content["role"] == "model":
+                for part in content["parts"]:
+                    if "functionCall" in part:
+                        part.setdefault("thoughtSignature", BYPASS_SIGNATURE)
+                        break
+        return contents
+
+
+def _loaded_tool_names(messages: list) -> set:
+    """Return the deferred tools a tool_reference in the history has loaded."""
+    loaded = set()
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            continue
+        for block in content:
+            if isinstance(block, dict) and block.get("type") == "tool_result":
+                for item in block.get("content") if isinstance(block.get("content"), list) else ():
+                    if isinstance(item, dict) and item.get("type") == "tool_reference":
+                        loaded.add(item.get("tool_name"))
+    return loaded
+
+
+def _function_declarations(tools: list, messages: list) -> tuple:
+    """Return (declarations, gemini->client names, server tools by name) for a tools list."""
+    declarations, names, server_tools = [], {}, {}
+    loaded = None
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
+            raise bad_request(f"tools.{i}: must be an object with a name")
+        kind = tool.get("type")
+        if kind and kind != "custom" and "input_schema" not in tool:  # server or typed tool
+            server_tools[tool["name"]] = tool
+            continue
+        if tool.get("defer_loading"):  # tool search: declared once a tool_reference loads it
+            loaded = _loaded_tool_names(messages) if loaded is None else loaded
+            if tool["name"] not in loaded:
+                continue
+        schema = tool.get("input_schema")
+        schema = schema if isinstance(schema, dict) else {"type": "object", "properties": {}}
+        if "$schema" in schema:  # the one keyword parametersJsonSchema rejects
+            schema = {k: v for k, v in schema.items() if k != "$schema"}
+        gemini_name = gemini_tool_name(tool["name"])
+        names[gemini_name] = tool["name"]
+        declaration = {"name": gemini_name, "description": tool.get("description") or "",
+                       "parametersJsonSchema": schema}
+        declarations.append(declaration)
+    if len(declarations) > GEMINI_DECLARATION_LIMIT:
+        raise bad_request(f"tools: Gemini accepts at most {GEMINI_DECLARATION_LIMIT} tools, "
+                          f"this request has {len(declarations)}")
+    return declarations, names, server_tools
+
+
+def _thinking_config(body: dict, model: str) -> tuple:
+    """Return (thinkingConfig or None, thinking display) for the client's thinking request."""
+    thinking = body.get("thinking") or {}
+    kind = thinking.get("type")
+    effort = (body.get("output_config") or {}).get("effort")
+    legacy = model_version(model) < (3, 0)
+    config = {}
+    if kind == "disabled":
+        if legacy:
+            config["thinkingBudget"] = 128 if "pro" in model else 0
+        else:
+            config["thinkingLevel"] = _lowest_level(model)
+        return config, ""
+    if kind == "enabled" and isinstance(thinking.get("budget_tokens"), int):
+        budget = thinking["budget_tokens"]
+        if legacy:
+            config["thinkingBudget"] = min(budget, 32768 if "pro" in model else 24576)
+        else:
+            config["thinkingLevel"] = "LOW" if budget <= 4096 else "MEDIUM" if budget <= 16384 else "HIGH"
+    elif effort in EFFORT_LEVELS:
+        if legacy:
+            config["thinkingBudget"] = min(EFFORT_BUDGETS[effort], 32768 if "pro" in model else 24576)
+        else:
+            config["thinkingLevel"] = EFFORT_LEVELS[effort]
+    if kind in ("enabled", "adaptive"):
+        config["includeThoughts"] = True
+        return config, "omitted" if thinking.get("display") == "omitted" else "summarized"
+    return (config or None), ""
+
+
+def _lowest_level(model: str) -> str:
+    """Return the least thinking a Gemini 3+ model allows (MINIMAL exists on early Flash only)."""
+    return "MINIMAL" if "flash" in model and model_version(model) < (3, 7) else "LOW"
+
+
+def _generation_config(body: dict, model: str, config: Config) -> dict:
+    max_tokens = body.get("max_tokens")
+    max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max(1, max_tokens)
+    generation = {"maxOutputTokens": min(max_tokens, config.max_output_tokens)}
+    if model_version(model) < (3, 6):  # 3.6+ ignores or rejects custom sampling values
+        for ours, theirs in (("temperature", "temperature"), ("top_p", "topP"), ("top_k", "topK")):
+            if body.get(ours) is not None:
+                generation[theirs] = body[ours]
+    if body.get("stop_sequences"):
+        generation["stopSequences"] = body["stop_sequences"][:GEMINI_STOP_SEQUENCE_LIMIT]
+    output_format = (body.get("output_config") or {}).get("format")
+    if isinstance(output_format, dict) and output_format.get("type") == "json_schema":
+        schema = output_format.get("schema")
+        generation["responseMimeType"] = "application/json"
+        if isinstance(schema, dict):
+            generation["responseJsonSchema"] = {k: v for k, v in schema.items() if k != "$schema"}
+    return generation
+
+
+def _web_search_prompt(tool: dict) -> str:
+    lines = ["Search the web with Google Search to answer."]
+    if tool.get("allowed_domains"):
+        lines.append("Use only results from these domains: " + ", ".join(tool["allowed_domains"]) + ".")
+    if tool.get("blocked_domains"):
+        lines.append("Never use results from: " + ", ".join(tool["blocked_domains"]) + ".")
+    return " ".join(lines)
+
+
+def to_gemini_request(body: dict, config: Config, signatures: SignatureStore) -> GeminiRequest:
+    """Return the Gemini request for an Anthropic Messages body; raise ProxyError when invalid."""
+    _check_body(body)
+    model = map_model(body["model"], config)
+    history = _HistoryTranslator(model, signatures)
+    system = _texts(body["system"], "system") if body.get("system") else []
+    for i, message in enumerate(body["messages"]):
+        history.add(message, f"messages.{i}")
+    contents = history.finish()
+    if not contents:
+        raise bad_request("messages: at least one message with content is required")
+    system.extend(history.system)
+    declarations, names, server_tools = _function_declarations(body.get("tools") or [], body["messages"])
+    choice = body.get("tool_choice") or {}
+    web_search = next((t for t in server_tools.values() if str(t.get("type")).startswith("web_search")), None)
+    if web_search and (choice.get("name") == web_search["name"] or not declarations):
+        system.append(_web_search_prompt(web_search))
+    else:
+        if server_tools:
+            log.debug("server tools left out (Gemini cannot run them): %s", ", ".join(server_tools))
+        web_search = None
+    gemini_body = {"contents": contents}
+    if system:
+        gemini_body["systemInstruction"] = {"parts": [{"text": text} for text in system]}
+    if web_search:
+        gemini_body["tools"] = [{"googleSearch": {}}]
+    elif declarations:
+        gemini_body["tools"] = [{"functionDeclarations": declarations}]
+        mode = TOOL_CHOICE_MODES.get(choice.get("type"), "AUTO")
+        calling = {"mode": mode}
+        if choice.get("type") == "tool":
+            wanted = gemini_tool_name(str(choice.get("name")))
+            if wanted in names:
+                calling["allowedFunctionNames"] = [wanted]
+            else:  # a forced tool Gemini does not have must not become a 400
+                calling["mode"] = "AUTO"
+        gemini_body["toolConfig"] = {"functionCallingConfig": calling}
+    generation = _generation_config(body, model, config)
+    thinking_config, thinking = _thinking_config(body, model)
+    if thinking_config:
+        generation["thinkingConfig"] = thinking_config
+    gemini_body["generationConfig"] = generation
+    gemini_body["safetySettings"] = SAFETY_OFF
+    return GeminiRequest(client_model=body["model"], model=model, body=gemini_body,
+                         stream=bool(body.get("stream")), tool_names=names,
+                         stop_sequences=tuple(body.get("stop_sequences") or ()),
+                         thinking=thinking, web_search=web_search)
+
+
+# == Response: Gemini -> Anthropic ============================================
+# ResponseFold folds Gemini chunks (a stream, or one chunk for generateContent) into
+# Anthropic SSE events and the final message: one set of rules for both modes.
+
+STOP_REASONS = {
+    "STOP": "end_turn", "MAX_TOKENS": "max_tokens", "OTHER": "end_turn",
+    "FINISH_REASON_UNSPECIFIED": "end_turn", "TOO_MANY_TOOL_CALLS": "end_turn",
+    "SAFETY": "refusal", "PROHIBITED_CONTENT": "refusal", "BLOCKLIST": "refusal", "SPII": "refusal",
+    "RECITATION": "refusal", "LANGUAGE": "refusal", "IMAGE_SAFETY": "refusal",
+    "IMAGE_PROHIBITED_CONTENT": "refusal", "IMAGE_RECITATION": "refusal", "IMAGE_OTHER": "refusal",
+    "NO_IMAGE": "refusal",
+}
+# Worth one more upstream call while nothing has reached the client.
+RETRY_FINISH_REASONS = ("MALFORMED_FUNCTION_CALL", "UNEXPECTED_TOOL_CALL", "MALFORMED_RESPONSE")
+
+
+def sse_frame(event: str, data: dict) -> bytes:
+    """Return one Anthropic SSE event as bytes."""
+    return b"event: %s\ndata: %s\n\n" % (event.encode(), json.dumps(data, separators=(",", ":"),
+                                                                   ensure_ascii=False).encode())
+
+
+class ResponseFold:
+    """Fold Gemini chunks into Anthropic events (feed/finish) and the final message()."""
+
+    def __init__(self, request: GeminiRequest, signatures: SignatureStore, input_estimate: int = 0):
+        self.request = request
+        self.signatures = signatures
+        self.id = "msg_" + secrets.token_hex(12)
+        self.input_estimate = input_estimate
+        self.blocks: list = []  # content blocks of the final message
+        self.pieces: list = []  # text pieces of the open text/thinking block
+        self.open_kind = ""  # "text" or "thinking" while such a block is open
+        self.held = ""  # text held back while it could still be the start of a stop sequence
+        self.stop_reason = None
+        self.stop_sequence = None
+        self.finish_reason = None
+        self.blocked = None
+        self.saw_candidate = False
+        self.called_tool = False
+        self.search_requests = 0
+        self.usage_metadata: dict = {}
+        self.done = False  # a stop sequence matched: read no further
+
+    def start(self) -> list:
+        """Return the message_start event."""
+        message = {"id": self.id, "type": "message", "role": "assistant",
+                   "model": self.request.client_model, "content": [], "stop_reason": None,
+                   "stop_sequence": None, "usage": dict(self.usage(), output_tokens=1)}
+        return [("message_start", {"type": "message_start", "message": message})]
+
+    def feed(self, chunk) -> list:
+        """Return the events for one Gemini chunk; raise ProxyError for an error chunk."""
+        if not isinstance(chunk, dict):
+            raise ProxyError(502, "api_error", "Gemini sent an answer the proxy could not read")
+        if "error" in chunk:
+            error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
+            raise upstream_error(int(error.get("code") or 500), json.dumps({"error": error}).encode())
+        events = []
+        if chunk.get("usageMetadata"):
+            self.usage_metadata = chunk["usageMetadata"]  # cumulative: the last one wins
+        block_reason = (chunk.get("promptFeedback") or {}).get("blockReason")
+        if block_reason:
+            self.blocked = block_reason
+        candidates = chunk.get("candidates")
+        if not candidates or not isinstance(candidates[0], dict):
+            return events
+        candidate = candidates[0]
+        self.saw_candidate = True
+        grounding = candidate.get("groundingMetadata")
+        if self.request.web_search and grounding and not self.search_requests:
+            self._search_blocks(grounding, events)
+        for part in (candidate.get("content") or {}).get("parts") or ():
+            if self.done:
+                break
+            if isinstance(part, dict):
+                self._part(part, events)
+        if candidate.get("finishReason"):
+            self.finish_reason = candidate["finishReason"]
+        return events
+
+    def retryable(self) -> bool:
+        """Return True when nothing reached the client and another upstream call may do better."""
+        if self.blocks or self.held or self.blocked or self.done:
+            return False
+        return self.finish_reason in RETRY_FINISH_REASONS or self.finish_reason in (None, "STOP")
+
+    def next_attempt(self) -> None:
+        self.finish_reason = None
+        self.saw_candidate = False
+
+    def finish(self) -> list:
+        """Return the closing events; raise ProxyError when Gemini's answer was unusable."""
+        events = []
+        self._flush_held(events)
+        self._close(events)
+        if self.stop_reason is None:
+            self.stop_reason = self._stop_reason(events)
+        delta = {"stop_reason": self.stop_reason, "stop_sequence": self.stop_sequence}
+        events.append(("message_delta", {"type": "message_delta", "delta": delta, "usage": self.usage()}))
+        events.append(("message_stop", {"type": "message_stop"}))
+        return events
+
+    def _stop_reason(self, events: list) -> str:
+        if self.blocked:
+            return "refusal"
+        if self.called_tool:
+            return "tool_use"
+        if not self.saw_candidate:
+            raise ProxyError(502, "api_error", "Gemini returned no candidates")
+        if self.finish_reason is None:
+            raise ProxyError(502, "api_error", "Gemini's answer ended without a finish reason")
+        if self.finish_reason in RETRY_FINISH_REASONS:
+            if not self.blocks:
+                raise ProxyError(502, "api_error", f"Gemini failed twice with {self.finish_reason}",
+                                 {"x-should-retry": "true"})
+            self._emit_text(f"\n\n[proxy: Gemini ended with {self.finish_reason}; its tool call "
+                            "was lost. Ask again to retry.]", events)
+            self._close(events)
+            return "end_turn"
+        if self.finish_reason not in STOP_REASONS:
+            raise ProxyError(502, "api_error", f"Gemini stopped with {self.finish_reason}")
+        return STOP_REASONS[self.finish_reason]
+
+    def usage(self) -> dict:
+        """Return Anthropic usage from the latest Gemini usageMetadata."""
+        meta = self.usage_metadata
+        cached = meta.get("cachedContentTokenCount", 0)
+        usage = {"input_tokens": (meta.get("promptTokenCount", 0) - cached
+                                  + meta.get("toolUsePromptTokenCount", 0)) if meta else self.input_estimate,
+                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached,
+                 "output_tokens": meta.get("candidatesTokenCount", 0) + meta.get("thoughtsTokenCount", 0)}
+        if self.search_requests:
+            usage["server_tool_use"] = {"web_search_requests": self.search_requests}
+        return usage
+
+    def message(self) -> dict:
+        """Return the non-stream Message (after finish())."""
+        return {"id": self.id, "type": "message", "role": "assistant",
+                "model": self.request.client_model, "content": self.blocks,
+                "stop_reason": self.stop_reason, "stop_sequence": self.stop_sequence,
+                "usage": self.usage()}
+
+    # -- parts ----------------------------------------------------------------
+
+    def _part(self, part: dict, events: list) -> None:
+        signature = part.get("thoughtSignature")
+        if "functionCall" in part:  # {functionCall: {id?, name, args}, thoughtSignature?}
+            self._call(part["functionCall"], signature, events)
+        elif part.get("thought"):  # {text, thought: true, thoughtSignature?}
+            if not self.request.thinking:
+                return
+            if part.get("text") and self.request.thinking == "summarized":
+                self._open("thinking", events)
+                self._delta(part["text"], events)
+            if signature:
+                self._sign(KIND_THOUGHT, signature, events)
+        elif "text" in part:  # {text, thoughtSignature?}: a trailing empty part may carry one
+            if part["text"]:
+                self._text(part["text"], events)
+            if signature and self.request.thinking:
+                self._flush_held(events)
+                self._sign(KIND_TEXT, signature, events)
+
+    def _open(self, kind: str, events: list) -> None:
+        if self.open_kind == kind:
+            return
+        self._close(events)
+        block = {"type": "text", "text": ""} if kind == "text" else \
+            {"type": "thinking", "thinking": "", "signature": ""}
+        events.append(("content_block_start", {"type": "content_block_start",
+                                               "index": len(self.blocks), "content_block": dict(block)}))
+        self.blocks.append(block)
+        self.open_kind = kind
+
+    def _delta(self, text: str, events: list) -> None:
+        if self.open_kind == "text":
+            delta = {"type": "text_delta", "text": text}
+        else:
+            delta = {"type": "thinking_delta", "thinking": text}
+        events.append(("content_block_delta", {"type": "content_block_delta",
+                                               "index": len(self.blocks) - 1, "delta": delta}))
+        self.pieces.append(text)
+
+    def _close(self, events: list) -> None:
+        if not self.open_kind:
+            return
+        block = self.blocks[-1]
+        block[self.open_kind] = "".join(self.pieces)
+        self.pieces = []
+        self.open_kind = ""
+        events.append(("content_block_stop", {"type": "content_block_stop", "index": len(self.blocks) - 1}))
+
+    def _sign(self, kind: bytes, signature: str, events: list) -> None:
+        """Close a thinking block (opened if need be) with a carrier for `signature`."""
+        if kind == KIND_TEXT:  # a text part's signature gets a thinking block of its own
+            self._close(events)
+        self._open("thinking", events)
+        token = self.signatures.issue(Carried(self.request.model, kind, "", signature))
+        self.blocks[-1]["signature"] = token
+        events.append(("content_block_delta", {"type": "content_block_delta", "index": len(self.blocks) - 1,
+                                               "delta": {"type": "signature_delta", "signature": token}}))
+        self._close(events)
+
+    def _text(self, text: str, events: list) -> None:
+        sequences = self.request.stop_sequences
+        if sequences:
+            text = self.held + text
+            hit, matched = -1, None
+            for sequence in sequences:
+                at = text.find(sequence)
+                if at >= 0 and (matched is None or at < hit):
+                    hit, matched = at, sequence
+            if matched is not None:
+                self._emit_text(text[:hit], events)
+                self.held = ""
+                self.stop_reason, self.stop_sequence, self.done = "stop_sequence", matched, True
+                return
+            keep = _stop_prefix_length(text, sequences)
+            self.held = text[len(text) - keep:] if keep else ""
+            text = text[:len(text) - keep]
+        self._emit_text(text, events)
+
+    def _emit_text(self, text: str, events: list) -> None:
+        if text:
+            self._open("text", events)
+            self._delta(text, events)
+
+    def _flush_held(self, events: list) -> None:
+        held, self.held = self.held, ""
+        self._emit_text(held, events)
+
+    def _call(self, call: dict, signature: str | None, events: list) -> None:
+        self._flush_held(events)
+        self._close(events)
+        call_id = str(call.get("id") or "")
+        if signature or call_id:
+            carried = Carried(self.request.model, KIND_CALL, call_id, signature or "")
+            tool_id = "toolu_" + self.signatures.issue(carried)
+        else:
+            tool_id = "toolu_" + secrets.token_urlsafe(18)
+        name = self.request.tool_names.get(call.get("name"), call.get("name") or "")
+        args = call.get("args") if isinstance(call.get("args"), dict) else {}
+        self._whole_block({"type": "tool_use", "id": tool_id, "name": name, "input": {}}, args, events)
+        self.called_tool = True
+
+    def _whole_block(self, block: dict, input_json, events: list) -> None:
+        """Emit a block that arrives complete: start, its input as one JSON delta, stop."""
+        index = len(self.blocks)
+        events.append(("content_block_start", {"type": "content_block_start", "index": index,
+                                               "content_block": block}))
+        if input_json is not None:
+            events.append(("content_block_delta", {"type": "content_block_delta", "index": index, "delta": {
+                "type": "input_json_delta", "partial_json": json.dumps(input_json, ensure_ascii=False)}}))
+            block = dict(block, input=input_json)
+        events.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
+        self.blocks.append(block)
+
+    def _search_blocks(self, grounding: dict, events: list) -> None:
+        """Emit server_tool_use + web_search_tool_result from Google Search grounding."""
+        queries = [q for q in grounding.get("webSearchQueries") or () if isinstance(q, str)] or [""]
+        results = []
+        for chunk in grounding.get("groundingChunks") or ():
+            web = chunk.get("web") if isinstance(chunk, dict) else None
+            if isinstance(web, dict) and web.get("uri"):
+                results.append({"type": "web_search_result", "url": web["uri"],
+                                "title": web.get("title") or web["uri"], "encrypted_content": "",
+                                "page_age": None})
+        tool_id = "srvtoolu_" + secrets.token_hex(12)
+        self._whole_block({"type": "server_tool_use", "id": tool_id, "name": self.request.web_search["name"],
+                           "input": {}}, {"query": queries[0]}, events)
+        self._whole_block({"type": "web_search_tool_result", "tool_use_id": tool_id, "content": results},
+                          None, events)
+        self.search_requests = len(queries)
+
+
+def _stop_prefix_length(text: str, sequences: tuple) -> int:
+    """Return how many trailing characters of text could begin one of the stop sequences."""
+    keep = 0
+    for sequence in sequences:
+        for length in range(min(len(sequence) - 1, len(text)), keep, -1):
+            if text.endswith(sequence[:length]):
+                keep = length
+                break
+    return keep
+
+
+# == Upstream client ==========================================================
+# One SSL context, a pool of keep-alive http.client connections, key rotation and
+# retries; yields parsed stream chunks as they arrive.
+
+class KeyRing:
+    """The Gemini keys in turn; a rate-limited key rests, a rejected one is dropped."""
+
+    def __init__(self, keys: tuple, now=time.monotonic):
+        self.keys = list(keys)
+        self.resting: dict = {}
+        self.turn = 0
+        self.now = now
+        self._lock = threading.Lock()
+
+    def pick(self) -> str:
+        with self._lock:
+            now = self.now()
+            for offset in range(len(self.keys)):
+                key = self.keys[(self.turn + offset) % len(self.keys)]
+                if self.resting.get(key, 0) <= now:
+                    self.turn = (self.turn + offset + 1) % len(self.keys)
+                    return key
+            wait = min(self.resting.get(k, now) for k in self.keys) - now
+        raise ProxyError(429, "rate_limit_error", "every Gemini API key is rate limited; retry later",
+                         {"retry-after": str(max(1, int(wait + 0.999)))})
+
+    def rest(self, key: str, seconds: float) -> None:
+        with self._lock:
+            self.resting[key] = self.now() + seconds
+
+    def drop(self, key: str) -> bool:
+        """Take a rejected key out of turn; return False when it is the last one."""
+        with self._lock:
+            if key not in self.keys or len(self.keys) == 1:
+                return False
+            position = self.keys.index(key) + 1
+            self.keys.remove(key)
+        log.warning("Gemini rejected API key #%d of the list; it is no longer used", position)
+        return True
+
+    def resting_count(self) -> int:
+        now = self.now()
+        return sum(1 for key in self.keys if self.resting.get(key, 0) > now)
+
+
+def _egress_proxy(config: Config, scheme: str, host: str) -> tuple | None:
+    """Return (host, port, Proxy-Authorization or None) for the upstream, or None when direct."""
+    proxy_url = config.https_proxy if scheme == "https" else config.http_proxy
+    if not proxy_url or urllib.request.proxy_bypass_environment(host, {"no": config.no_proxy}):
+        return None
+    parts = urllib.parse.urlsplit(proxy_url if "://" in proxy_url else "http://" + proxy_url)
+    auth = None
+    if parts.username:
+        credentials = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        auth = "Basic " + base64.b64encode(credentials.encode()).decode()
+    return parts.hostname, parts.port or 80, auth
+
+
+class UpstreamClient:
+    """Talks to Gemini: pooled keep-alive connections, retries, key rotation."""
+
+    max_idle = 64  # idle connections kept per process
+
+    def __init__(self, config: Config):
+        self.config = config
+        base = urllib.parse.urlsplit(config.api_base.rstrip("/"))
+        self.https = base.scheme == "https"
+        self.host = base.hostname
+        self.port = base.port or (443 if self.https else 80)
+        self.base_path = base.path.rstrip("/")
+        self.ssl_context = ssl.create_default_context() if self.https else None  # SSL_CERT_FILE/DIR apply
+        self.egress = _egress_proxy(config, base.scheme, self.host)
+        self.keys = KeyRing(config.api_keys)
+        self.connections_opened = 0
+        self.retries = 0
+        self._idle: list = []
+        self._lock = threading.Lock()
+
+    # -- connections ------------------------------------------------------------
+
+    def _connect(self) -> http.client.HTTPConnection:
+        timeout = self.config.connect_timeout
+        host, port = (self.egress[0], self.egress[1]) if self.egress else (self.host, self.port)
+        if self.https:
+            conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=self.ssl_context)
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=timeout)
+        if self.egress:
+            headers = {"Proxy-Authorization": self.egress[2]} if self.egress[2] else None
+            conn.set_tunnel(self.host, self.port, headers=headers)
+        conn.connect()
+        conn.sock.settimeout(self.config.upstream_timeout)
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        with self._lock:
+            self.connections_opened += 1
+        return conn
+
+    def _checkout(self) -> tuple:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop(), True
+        return self._connect(), False
+
+    def release(self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse) -> None:
+        """Return a connection whose response was read to the end to the pool."""
+        if response.will_close or not response.isclosed():
+            conn.close()
+            return
+        with self._lock:
+            if len(self._idle) < self.max_idle:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    def _send(self, method: str, path: str, payload: bytes | None, headers: dict) -> tuple:
+        """Return (connection, response); a reused connection that fails is replaced once."""
+        for attempt in (0, 1):
+            conn = None
+            try:
+                conn, reused = self._checkout()
+                conn.request(method, path, body=payload, headers=headers)
+                return conn, conn.getresponse()
+            except socket.timeout:
+                if conn:
+                    conn.close()
+                raise ProxyError(504, "timeout_error", "Gemini did not answer in time")
+            except (ConnectionError, http.client.HTTPException, OSError) as exc:
+                if conn:
+                    conn.close()
+                if conn is not None and reused and attempt == 0 and not isinstance(exc, ssl.SSLCertVerificationError):
+                    continue  # the pooled connection had gone stale
+                raise ProxyError(502, "api_error", f"could not reach Gemini: {exc}")
+        raise AssertionError("unreachable")
+
+    # -- requests ---------------------------------------------------------------
+
+    def _auth_headers(self, key: str) -> dict:
+        if self.config.auth_type == "bearer":
+            return {"Authorization": f"Bearer {key}"}
+        return {"x-goog-api-key": key}
+
+    def open(self, method: str, path: str, payload: bytes | None = None) -> tuple:
+        """Return (connection, response) for a 200 answer; raise ProxyError otherwise."""
+        attempt = 0
+        while True:
+            key = self.keys.pick()
+            headers = {"content-type": "application/json", **self._auth_headers(key)}
+            started = time.monotonic()
+            conn, response = self._send(method, self.base_path + path, payload, headers)
+            log.debug("upstream %s %s -> %d after %.0f ms (%d bytes sent)", method, path.split("?")[0],
+                      response.status, (time.monotonic() - started) * 1000, len(payload or b""))
+            if response.status == 200:
+                return conn, response
+            error = upstream_error(response.status, self._read_all(conn, response))
+            if error.key_invalid and self.keys.drop(key):
+                continue
+            if response.status == 429:
+                self.keys.rest(key, error.retry_delay or DEFAULT_RETRY_AFTER)
+            wait = self._retry_wait(response.status, error, attempt)
+            if wait is None:
+                raise error
+            log.debug("upstream %d: retry %d in %.2f s", response.status, attempt + 1, wait)
+            with self._lock:
+                self.retries += 1
+            time.sleep(wait)
+            attempt += 1
+
+    def _retry_wait(self, status: int, error: ProxyError, attempt: int) -> float | None:
+        if status not in (429, 500, 503) or attempt >= self.config.max_retries:
+            return None
+        if status == 429 and self.keys.resting_count() < len(self.keys.keys):
+            return 0.0  # another key is free now
+        if error.retry_delay is not None:
+            wait = error.retry_delay
+        else:
+            wait = min(0.5 * 2 ** attempt, 8.0) * (1 + random.random() / 4)
+        return wait if wait <= self.config.max_retry_wait else None
+
+    def _read_all(self, conn, response) -> bytes:
+        try:
+            payload = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            if isinstance(exc, socket.timeout):
+                raise ProxyError(504, "timeout_error", "Gemini did not answer in time")
+            raise ProxyError(502, "api_error", f"Gemini's answer was cut off: {exc}")
+        self.release(conn, response)
+        return payload
+
+    def call_json(self, method: str, path: str, body: dict | None = None) -> dict:
+        """Return the parsed JSON of a 200 answer."""
+        payload = json.dumps(body, separators=(",", ":")).encode() if body is not None else None
+        conn, response = self.open(method, path, payload)
+        data = self._read_all(conn, response)
+        try:
+            answer = json.loads(data)
+        except ValueError:
+            raise ProxyError(502, "api_error", "Gemini sent JSON the proxy could not read")
+        if not isinstance(answer, dict):
+            raise ProxyError(502, "api_error", "Gemini sent JSON the proxy could not read")
+        return answer
+
+    def stream_chunks(self, conn, response):
+        """Yield each JSON chunk of an SSE answer as it arrives; pool the connection at the end."""
+        data_lines, raw_lines = [], []
+        try:
+            while True:
+                line = response.readline()
+                if not line:
+                    break
+                line = line.rstrip(b"\r\n")
+                if not line:
+                    if data_lines:
+                        yield _parse_chunk(b"\n".join(data_lines))
+                        data_lines = []
+                elif line.startswith(b"data:"):
+                    data_lines.append(line[6:] if line[5:6] == b" " else line[5:])
+                elif not line.startswith((b":", b"event:", b"id:", b"retry:")):
+                    raw_lines.append(line)  # an error may come as raw, multi-line JSON
+        except socket.timeout:
+            conn.close()
+            raise ProxyError(504, "timeout_error", "Gemini's stream stalled")
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise ProxyError(502, "api_error", f"Gemini's stream was cut off: {exc.__class__.__name__}")
+        if data_lines:
+            yield _parse_chunk(b"\n".join(data_lines))
+        if raw_lines:
+            yield _parse_chunk(b"\n".join(raw_lines))
+        self.release(conn, response)
+
+
+def _parse_chunk(payload: bytes):
+    try:
+        chunk = json.loads(payload)
+    except ValueError:
+        raise ProxyError(502, "api_error", "Gemini sent a stream chunk the proxy could not read")
+    if isinstance(chunk, list) and chunk:  # errors without alt=sse come wrapped in an array
+        chunk = chunk[0]
+    return chunk
+
+
+def model_path(model: str, method: str) -> str:
+    """Return the upstream path of a model method, the model name URL-quoted."""
+    return f"/models/{urllib.parse.quote(model, safe='')}:{method}"
+
+
+# == HTTP handler =============================================================
+# ProxyHandler routes requests; SSEStream writes one client stream; StreamWatch pings idle
+# streams and notices clients that left.
+
+PING_FRAME = sse_frame("ping", {"type": "ping"})
+MODEL_CACHE_SECONDS = 300.0
+UNKNOWN_DATE = "1970-01-01T00:00:00Z"  # Gemini's model list has no release dates
+
+
+class SSEStream:
+    """One client's SSE response: chunked frames, each batch in one write, pingable."""
+
+    def __init__(self, handler: ProxyHandler, preamble: list, headers: dict):
+        self.handler = handler
+        self.preamble = b"".join(sse_frame(name, data) for name, data in preamble)
+        self.headers = headers
+        self.started = False
+        self.finished = False
+        self.gone = False
+        self.upstream = None  # the upstream connection to cut if the client leaves
+        self.last_write = time.monotonic()
+        self.lock = threading.Lock()
+
+    def send(self, events: list, end: bool = False) -> None:
+        """Write events (the headers and message_start first, if not yet sent)."""
+        body = b"".join(sse_frame(name, data) for name, data in events)
+        with self.lock:
+            if self.gone:
+                raise ClientGone()
+            self._write(body, end)
+
+    def ping(self) -> None:
+        with self.lock:
+            if not (self.gone or self.finished):
+                self._write(PING_FRAME, False)
+
+    def claim_unstarted(self) -> bool:
+        """Return True, and stop pings, if nothing was written yet: an HTTP error can still go."""
+        with self.lock:
+            if self.started:
+                return False
+            self.finished = True
+            return True
+
+    def _write(self, body: bytes, end: bool) -> None:
+        out = b""
+        if not self.started:
+            self.started = True
+            out = self.handler.response_head(200, "text/event-stream", None, dict(
+                self.headers, **{"Cache-Control": "no-cache", "Transfer-Encoding": "chunked"}))
+            body = self.preamble + body
+        if body:
+            out += b"%x\r\n%s\r\n" % (len(body), body)
+        if end:
+            out += b"0\r\n\r\n"
+            self.finished = True
+        try:
+            self.handler.wfile.write(out)
+        except (OSError, ValueError):
+            self.abort()
+            raise ClientGone()
+        self.last_write = time.monotonic()
+
+    def abort(self) -> None:
+        """The client left: cut the upstream read at once."""
+        self.gone = True
+        upstream = self.upstream
+        if upstream is not None and upstream.sock is not None:
+            try:
+                upstream.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def client_left(self) -> bool:
+        try:
+            return self.handler.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+
+class StreamWatch:
+    """One thread for all streams: pings the idle ones and aborts those whose client left."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self.streams: set = set()
+        self._lock = threading.Lock()
+        self._thread = None
+
+    def add(self, stream: SSEStream) -> None:
+        with self._lock:
+            self.streams.add(stream)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="stream-watch", daemon=True)
+                self._thread.start()
+
+    def remove(self, stream: SSEStream) -> None:
+        with self._lock:
+            self.streams.discard(stream)
+
+    def _run(self) -> None:
+        tick = max(0.02, min(1.0, self.interval / 4))
+        while True:
+            time.sleep(tick)
+            with self._lock:
+                streams = list(self.streams)
+            now = time.monotonic()
+            for stream in streams:
+                try:
+                    if stream.client_left():
+                        stream.abort()
+                    elif now - stream.last_write >= self.interval:
+                        stream.ping()
+                except ClientGone:
+                    pass
+
+
+class ModelCatalog:
+    """Gemini's model list in Anthropic shape, fetched page by page and cached for a while."""
+
+    def __init__(self, upstream: UpstreamClient, config: Config, now=time.monotonic):
+        self.upstream = upstream
+        self.config = config
+        self.now = now
+        self._cached = (0.0, [])
+        self._lock = threading.Lock()
+
+    def models(self) -> list:
+        with self._lock:
+            expires, models = self._cached
+            if expires > self.now():
+                return models
+            models = self._fetch()
+            self._cached = (self.now() + MODEL_CACHE_SECONDS, models)
+            return models
+
+    def _fetch(self) -> list:
+        gemini, token = [], ""
+        for _page in range(100):
+            path = "/models?pageSize=1000" + (f"&pageToken={urllib.parse.quote(token)}" if token else "")
+            page = self.upstream.call_json("GET", path)
+            gemini.extend(m for m in page.get("models") or () if isinstance(m, dict)
+                          and "generateContent" in (m.get("supportedGenerationMethods") or ()))
+            token = page.get("nextPageToken")
+            if not token:
+                break
+        models, by_id = [], {}
+        for model in gemini:
+            model_id = str(model.get("name", "")).replace("models/", "", 1)
+            entry = {"type": "model", "id": model_id, "display_name": model.get("displayName") or model_id,
+                     "created_at": UNKNOWN_DATE, "max_input_tokens": model.get("inputTokenLimit"),
+                     "max_tokens": model.get("outputTokenLimit")}
+            by_id[model_id] = entry
+            models.append(entry)
+        for name in MODEL_TABLE:
+            if name not in by_id:
+                target = by_id.get(map_model(name, self.config), {})
+                models.append({"type": "model", "id": name, "display_name": name, "created_at": UNKNOWN_DATE,
+                               "max_input_tokens": target.get("max_input_tokens"),
+                               "max_tokens": target.get("max_tokens")})
+        return models
+
+
+def page_models(models: list, query: dict) -> dict:
+    """Return one page of the Anthropic model list for limit / after_id / before_id."""
+    try:
+        limit = int(query.get("limit", ["20"])[0])
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= 1000:
+        raise bad_request("limit: must be an integer from 1 to 1000")
+    ids = [m["id"] for m in models]
+    after, before = query.get("after_id", [""])[0], query.get("before_id", [""])[0]
+    if before:
+        end = ids.index(before) if before in ids else 0
+        start = max(0, end - limit)
+        page, has_more = models[start:end], start > 0
+    else:
+        start = ids.index(after) + 1 if after in ids else 0
+        page, has_more = models[start:start + limit], start + limit < len(models)
+    return {"data": page, "has_more": has_more, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None}
+
+
+ROUTES = {
+    "/v1/messages": ("POST", "messages"),
+    "/v1/messages/count_tokens": ("POST", "count_tokens"),
+    "/v1/models": ("GET", "list_models"),
+    "/health": ("GET", "health"),
+}
+
+
+class ProxyHandler(BaseHTTPRequestHandler):
+    """Serves the Anthropic routes; one instance per client connection."""
+
+    protocol_version = "HTTP/1.1"  # keep-alive
+    server_version = f"claude_gemini_proxy/{__version__}"
+    sys_version = ""
+
+    def setup(self) -> None:
+        self.timeout = self.server.config.client_timeout  # idle keep-alive and slow bodies
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def do_GET(self):
+        self.handle_request("GET")
+
+    def do_POST(self):
+        self.handle_request("POST")
+
+    def do_HEAD(self):  # Claude Code warms the connection with HEAD; any answer will do
+        self.handle_request("HEAD")
+
+    def do_PUT(self):
+        self.handle_request("PUT")
+
+    def do_DELETE(self):
+        self.handle_request("DELETE")
+
+    def do_PATCH(self):
+        self.handle_request("PATCH")
+
+    def do_OPTIONS(self):
+        self.handle_request("OPTIONS")
+
+    def handle_request(self, method: str) -> None:
+        server = self.server
+        self.request_id = "req_" + secrets.token_hex(12)
+        self.started_at = time.monotonic()
+        self.status, self.gemini_model, self.usage = 0, "-", None
+        with server.lock:
+            server.active_requests += 1
+        try:
+            if server.draining:
+                self.close_connection = True
+            self.route(method)
+        except ProxyError as error:
+            self.send_json(error.status, error.body(self.request_id), error.headers)
+        except ClientGone:
+            self.close_connection = True
+        except Exception:
+            log.exception("request %s failed", self.request_id)
+            error = ProxyError(500, "api_error", f"the proxy failed on this request ({self.request_id})")
+            self.send_json(500, error.body(self.request_id))
+        finally:
+            with server.lock:
+                server.active_requests -= 1
+            self.log_access(method)
+
+    def route(self, method: str) -> None:
+        parts = urllib.parse.urlsplit(self.path)
+        path = parts.path
+        if method == "HEAD":
+            self.send_bytes(200, b"", "text/plain")
+            return
+        wanted, action = ROUTES.get(path, (None, None))
+        if path.startswith("/v1/models/") and len(path) > len("/v1/models/"):
+            wanted, action = "GET", "get_model"
+        if action is None:
+            raise ProxyError(404, "not_found_error", f"no route for {path}")
+        if method != wanted:
+            raise ProxyError(405, "invalid_request_error", f"{method} is not allowed on {path}",
+                             {"Allow": wanted})
+        if action != "health":
+            self.authorize()
+        getattr(self, "do_" + action)(path, urllib.parse.parse_qs(parts.query))
+
+    def authorize(self) -> None:
+        token = self.server.config.proxy_auth_token
+        if not token:
+            return
+        offered = [self.headers.get("x-api-key") or ""]
+        authorization = self.headers.get("authorization") or ""
+        if authorization[:7].lower() == "bearer ":
+            offered.append(authorization[7:].strip())
+        if not any(hmac.compare_digest(o.encode(), token.encode()) for o in offered if o):
+            raise ProxyError(401, "authentication_error", "invalid proxy token: send PROXY_AUTH_TOKEN "
+                             "as x-api-key or Authorization: Bearer", {"x-should-retry": "false"})
+
+    # -- routes -------------------------------------------------------------------
+
+    def do_health(self, path: str, query: dict) -> None:
+        self.send_json(200, {"status": "ok"})
+
+    def do_list_models(self, path: str, query: dict) -> None:
+        self.send_json(200, page_models(self.server.models.models(), query))
+
+    def do_get_model(self, path: str, query: dict) -> None:
+        model_id = urllib.parse.unquote(path[len("/v1/models/"):])
+        for model in self.server.models.models():
+            if model["id"] == model_id:
+                self.send_json(200, model)
+                return
+        raise ProxyError(404, "not_found_error", f"model: {model_id} was not found")
+
+    def do_count_tokens(self, path: str, query: dict) -> None:
+        request = to_gemini_request(self.read_json(), self.server.config, self.server.signatures)
+        self.gemini_model = request.model
+        inner = {"model": f"models/{request.model}"}
+        for key in ("contents", "systemInstruction", "tools", "toolConfig"):
+            if key in request.body:
+                inner[key] = request.body[key]
+        headers = {"x-gemini-model": request.model}
+        try:
+            answer = self.server.upstream.call_json("POST", model_path(request.model, "countTokens"),
+                                                    {"generateContentRequest": inner})
+            tokens = int(answer.get("totalTokens") or 0)
+        except ProxyError as error:
+            if getattr(error, "upstream_status", None) != 404:
+                raise
+            tokens = len(json.dumps(inner, separators=(",", ":"))) // 4  # a gateway without countTokens
+            headers["x-token-count-estimated"] = "true"
+        self.send_json(200, {"input_tokens": tokens}, headers)
+
+    def do_messages(self, path: str, query: dict) -> None:
+        server = self.server
+        request = to_gemini_request(self.read_json(), server.config, server.signatures)
+        self.gemini_model = request.model
+        fold = ResponseFold(request, server.signatures, input_estimate=self.body_size // 4)
+        if request.stream:
+            self.stream_answer(request, fold)
+            return
+        self.fold_answer(request, fold, None, live=False)
+        fold.finish()
+        self.usage = fold.usage()
+        self.send_json(200, fold.message(), {"x-gemini-model": request.model})
+
+    def fold_answer(self, request: GeminiRequest, fold: ResponseFold, stream: SSEStream | None,
+                    live: bool) -> None:
+        """Feed Gemini's answer into the fold (and the stream), retrying an empty one once."""
+        upstream = self.server.upstream
+        payload = json.dumps(request.body, separators=(",", ":"), ensure_ascii=False).encode()
+        for attempt in (0, 1):
+            if attempt:
+                log.debug("Gemini answered %s with nothing usable; asking once more", fold.finish_reason)
+                fold.next_attempt()
+            if live:
+                conn, response = upstream.open(
+                    "POST", model_path(request.model, "streamGenerateContent") + "?alt=sse", payload)
+                stream.upstream = conn
+                try:
+                    stream.send([])  # headers and message_start: Gemini accepted the request
+                    for chunk in upstream.stream_chunks(conn, response):
+                        stream.send(fold.feed(chunk))
+                        if fold.done:
+                            break
+                finally:
+                    if not response.isclosed():
+                        conn.close()
+            else:
+                answer = upstream.call_json("POST", model_path(request.model, "generateContent"), payload)
+                events = fold.feed(answer)
+                if stream is not None:
+                    stream.send(events)
+            if not fold.retryable():
+                return
+
+    def stream_answer(self, request: GeminiRequest, fold: ResponseFold) -> None:
+        server = self.server
+        stream = SSEStream(self, fold.start(), {"x-gemini-model": request.model})
+        live = server.config.stream_mode == "live" and not request.web_search  # search: blocks first
+        server.watch.add(stream)
+        try:
+            self.fold_answer(request, fold, stream, live)
+            stream.send(fold.finish(), end=True)
+            self.usage = fold.usage()
+            self.status = 200
+        except ProxyError as error:
+            if stream.claim_unstarted():
+                raise
+            self.status = error.status
+            stream.send([("error", error.body(self.request_id))], end=True)
+        finally:
+            server.watch.remove(stream)
+
+    # -- reading and writing ---------------------------------------------------
+
+    def read_json(self):
+        """Return the parsed JSON body; raise ProxyError for a missing, huge or broken one."""
+        limit = self.server.config.max_request_bytes
+        length = self.headers.get("content-length")
+        if "chunked" in (self.headers.get("transfer-encoding") or "").lower():
+            self.close_connection = True
+            raise ProxyError(411, "invalid_request_error", "send the body with a Content-Length")
+        try:
+            size = int(length) if length is not None else 0
+        except ValueError:
+            size = -1
+        if size < 0:
+            self.close_connection = True
+            raise bad_request("Content-Length is not a number")
+        if size > limit:
+            self.discard_body(size)
+            raise ProxyError(413, "request_too_large", f"request body is {size} bytes; the limit is {limit}",
+                             {"x-should-retry": "false"})
+        data = self.rfile.read(size) if size else b""
+        if len(data) < size:
+            raise ClientGone()
+        self.body_size = size
+        try:
+            return json.loads(data)
+        except ValueError as exc:
+            raise bad_request(f"request body is not valid JSON: {exc}")
+
+    def discard_body(self, size: int) -> None:
+        """Read an oversized body in small pieces (never held), so the client sees our 413."""
+        self.close_connection = True
+        self.connection.settimeout(2.0)
+        try:
+            while size > 0:
+                piece = self.rfile.read(min(size, 65536))
+                if not piece:
+                    break
+                size -= len(piece)
+        except OSError:
+            pass
+
+    def response_head(self, status: int, content_type: str, length: int | None, headers: dict | None) -> bytes:
+        self.status = status
+        phrase = self.responses.get(status, ("",))[0]
+        lines = [f"HTTP/1.1 {status} {phrase}", f"Server: {self.server_version}",
+                 f"Content-Type: {content_type}", f"request-id: {self.request_id}"]
+        if length is not None:
+            lines.append(f"Content-Length: {length}")
+        if self.close_connection:
+            lines.append("Connection: close")
+        for name, value in (headers or {}).items():
+            lines.append(f"{name}: {value}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    def send_bytes(self, status: int, body: bytes, content_type: str, headers: dict | None = None) -> None:
+        """Write headers and body in one write: two small writes meet the client's delayed ACK."""
+        head = self.response_head(status, content_type, len(body), headers)
+        try:
+            self.wfile.write(head if self.command == "HEAD" else head + body)
+        except OSError:
+            self.close_connection = True
+
+    def send_json(self, status: int, body: dict, headers: dict | None = None) -> None:
+        self.send_bytes(status, json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode(),
+                        "application/json", headers)
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """Answer http.server's own errors (bad request line, huge headers) in Anthropic shape."""
+        self.request_id = getattr(self, "request_id", "req_" + secrets.token_hex(12))
+        self.close_connection = True
+        error_type = "not_found_error" if code == 404 else "invalid_request_error"
+        self.send_json(code, ProxyError(code, error_type, message or "bad request").body(self.request_id))
+
+    def log_access(self, method: str) -> None:
+        usage = self.usage or {}
+        log.info("%s %s %d model=%s in=%s out=%s cached=%s %.0fms %s", method, self.path.split("?")[0],
+                 self.status, self.gemini_model, usage.get("input_tokens", "-"),
+                 usage.get("output_tokens", "-"), usage.get("cache_read_input_tokens", "-"),
+                 (time.monotonic() - self.started_at) * 1000, self.request_id)
+
+    def log_message(self, format: str, *args) -> None:
+        log.debug("http.server: " + format, *args)
+
+
+# == Main =====================================================================
+# build_server() binds and wires the parts; main() adds configuration, logging and signals.
+
+class ProxyServer(ThreadingHTTPServer):
+    """The listening server and the parts its handlers share."""
+
+    daemon_threads = True
+    request_queue_size = 1024  # listen backlog: a burst of connections waits instead of failing
+    allow_reuse_address = True
+
+    def __init__(self, config: Config):
+        if ":" in config.host:
+            self.address_family = socket.AF_INET6
+        super().__init__((config.host, config.port), ProxyHandler)
+        self.config = config
+        self.upstream = UpstreamClient(config)
+        self.signatures = SignatureStore(config.signature_key)
+        self.watch = StreamWatch(config.ping_interval)
+        self.models = ModelCatalog(self.upstream, config)
+        self.lock = threading.Lock()
+        self.active_requests = 0
+        self.draining = False
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind looks the host name up in DNS, which can stall start-up.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+
+def build_server(config: Config) -> ProxyServer:
+    """Return the bound (not yet serving) server for a Config."""
+    return ProxyServer(config)
+
+
+def _read_dotenv(path: str | None) -> str:
+    try:
+        with open(path or ".env", encoding="utf-8") as dotenv:
+            return dotenv.read()
+    except FileNotFoundError:
+        if path:
+            raise ValueError(f"--env-file {path}: no such file")
+        return ""
+
+
+def serve_until_signal(server: ProxyServer) -> None:
+    """Serve; on SIGTERM/SIGINT stop accepting and let in-flight work finish (a second signal exits)."""
+    stopping = threading.Event()
+
+    def on_signal(signum, frame):
+        if stopping.is_set():
+            os._exit(1)
+        stopping.set()
+        server.draining = True
+        log.info("stopping: finishing %d in-flight request(s)", server.active_requests)
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.serve_forever(poll_interval=0.25)
+    server.socket.close()
+    deadline = time.monotonic() + server.config.shutdown_grace
+    while server.active_requests and time.monotonic() < deadline:
+        time.sleep(0.05)
+    server.server_close()
+    server.upstream.close()
+
+
+def main(argv: list | None = None) -> int:
+    """Run the proxy; return the process exit status."""
+    argv = sys.argv[1:] if argv is None else argv
+    args, _ = build_arg_parser().parse_known_args(argv)
+    try:
+        config = read_config(argv, dict(os.environ), _read_dotenv(args.env_file))
+    except ValueError as exc:
+        print(f"claude_gemini_proxy: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.DEBUG if config.debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        server = build_server(config)
+    except OSError as exc:
+        print(f"claude_gemini_proxy: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
+        return 1
+    host, port = server.server_address[:2]
+    log.info("listening on http://%s:%d, upstream %s, default model %s", host, port,
+             config.api_base, config.default_model)
+    serve_until_signal(server)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
