@@ -1232,6 +1232,7 @@ class KeyRing:
         self._lock = threading.Lock()
 
     def pick(self) -> str:
+        """Return the next key that is not resting (or, if all are, the one resting least)."""
         with self._lock:
             now = self.now()
             for offset in range(len(self.keys)):
@@ -1239,9 +1240,8 @@ class KeyRing:
                 if self.resting.get(key, 0) <= now:
                     self.turn = (self.turn + offset + 1) % len(self.keys)
                     return key
-            wait = min(self.resting.get(k, now) for k in self.keys) - now
-        raise ProxyError(429, "rate_limit_error", "every Gemini API key is rate limited; retry later",
-                         {"retry-after": str(max(1, int(wait + 0.999)))})
+            # All resting: Gemini itself decides, with the key that wakes first.
+            return min(self.keys, key=lambda k: self.resting.get(k, 0))
 
     def rest(self, key: str, seconds: float) -> None:
         with self._lock:
@@ -1412,9 +1412,9 @@ class UpstreamClient:
         self.release(conn, response)
         return payload
 
-    def call_json(self, method: str, path: str, body: dict | None = None) -> dict:
+    def call_json(self, method: str, path: str, body: dict | bytes | None = None) -> dict:
         """Return the parsed JSON of a 200 answer."""
-        payload = json.dumps(body, separators=(",", ":")).encode() if body is not None else None
+        payload = json.dumps(body, separators=(",", ":")).encode() if isinstance(body, dict) else body
         conn, response = self.open(method, path, payload)
         data = self._read_all(conn, response)
         try:

@@ -232,6 +232,7 @@ class FakeGemini:
         if ":streamGenerateContent" in path:
             self.stream(handler, reply, chunks)
         else:
+            time.sleep(reply.before)
             handler.reply(200, merge_chunks(chunks))
 
     def sign(self, answer, model):
@@ -534,3 +535,369 @@ def test_startup_line_never_shows_the_key(tmp_path):
     assert "listening on http://127.0.0.1:" in line and "127.0.0.1:9/v1beta" in line
     assert "gemini-3.5-flash" in line and "secret-key-123" not in line
     assert child.returncode == 0
+
+
+# == Errors ===================================================================
+
+@pytest.mark.parametrize("status,client_status,error_type", [
+    (400, 400, "invalid_request_error"), (401, 403, "permission_error"), (403, 403, "permission_error"),
+    (404, 404, "not_found_error"), (429, 429, "rate_limit_error"), (500, 500, "api_error"),
+    (503, 529, "overloaded_error"), (504, 504, "timeout_error"),
+])
+def test_upstream_statuses_map_to_anthropic_errors(gemini, proxy, status, client_status, error_type):
+    gemini.script = [Reply(status=status, error=gemini_error(status, "upstream says no"))]
+    answer = post(proxy, messages_body())
+    assert answer.status == client_status
+    assert answer.json["type"] == "error" and answer.json["error"]["type"] == error_type
+    assert answer.json["error"]["message"]
+    if client_status in (429, 529):
+        assert int(answer.headers["retry-after"]) > 0
+    assert post(proxy, messages_body()).status == 200  # the next request is served as before
+
+
+def test_rate_limit_retry_after_comes_from_gemini_retry_delay(gemini, proxy):
+    details = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "37s"}]
+    gemini.script = [Reply(status=429, error=gemini_error(429, "quota", "RESOURCE_EXHAUSTED", details))]
+    answer = post(proxy, messages_body())
+    assert answer.status == 429 and answer.headers["retry-after"] == "37"
+
+
+def test_bad_key_is_reported_as_gemini_rejecting_the_key(gemini, proxy):
+    details = [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID"}]
+    gemini.script = [Reply(status=400, error=gemini_error(400, "API key not valid.", details=details))]
+    answer = post(proxy, messages_body())
+    assert answer.status == 403 and answer.json["error"]["type"] == "permission_error"
+    assert "Gemini rejected" in answer.json["error"]["message"]
+    assert answer.headers["x-should-retry"] == "false"
+
+
+def test_context_overflow_becomes_prompt_is_too_long(gemini, proxy):
+    message = "The input token count (1200293) exceeds the maximum number of tokens allowed (1048576)."
+    gemini.script = [Reply(status=400, error=gemini_error(400, message))]
+    answer = post(proxy, messages_body())
+    assert answer.status == 400 and answer.json["error"]["type"] == "invalid_request_error"
+    assert answer.json["error"]["message"] == "prompt is too long: 1200293 tokens > 1048576 maximum"
+    assert answer.headers["x-should-retry"] == "false"
+
+
+def test_unreachable_upstream_is_502_and_timeout_is_504(gemini, start_proxy):
+    with socket.socket() as spare:
+        spare.bind(("127.0.0.1", 0))
+        dead_port = spare.getsockname()[1]
+    dead = start_proxy(make_config(gemini, api_base=f"http://127.0.0.1:{dead_port}/v1beta"))
+    answer = post(dead, messages_body())
+    assert answer.status == 502 and answer.json["error"]["type"] == "api_error"
+    slow = start_proxy(make_config(gemini, upstream_timeout=0.3))
+    gemini.script = [Reply(chunk(text("late"), finish="STOP"), before=1.0)]
+    answer = post(slow, messages_body())
+    assert answer.status == 504 and answer.json["error"]["type"] == "timeout_error"
+    gemini.script = [Reply(chunk(text("late"), finish="STOP"), before=1.0)]
+    events, _ = read_sse(post(slow, dict(messages_body(), stream=True)).raw)
+    assert [e["type"] for e in events] == ["message_start", "error"]
+    assert events[-1]["error"]["type"] == "timeout_error"
+
+
+def test_unreadable_upstream_json_is_502(gemini, proxy):
+    gemini.script = [Reply(chunk(text("x")), tail=b"{not json")]
+    answer = post(proxy, dict(messages_body(), stream=True))
+    events, _ = read_sse(answer.raw)
+    assert events[-1]["type"] == "error" and events[-1]["error"]["type"] == "api_error"
+
+
+def test_no_candidates_is_502_after_one_retry(gemini, proxy):
+    gemini.script = [Reply({"usageMetadata": {"promptTokenCount": 3}}), Reply({"usageMetadata": {}})]
+    answer = post(proxy, messages_body())
+    assert answer.status == 502 and answer.json["error"]["type"] == "api_error"
+    assert len(gemini.bodies) == 2
+
+
+# == Signature store ==========================================================
+
+def test_signature_store_evicts_oldest_past_max_entries():
+    store = cgp.SignatureStore(b"k", max_entries=2)
+    one = cgp.Carried("m", cgp.KIND_CALL, "1", "sig1")
+    store.put("a", one)
+    store.put("b", one)
+    store.get("a")  # a is now the most recent
+    store.put("c", one)
+    assert store.get("b") is None and store.get("a") == one and store.get("c") == one
+
+
+def test_signature_store_expires_after_ttl_without_sleeping():
+    clock = [100.0]
+    store = cgp.SignatureStore(b"k", ttl=3600, now=lambda: clock[0])
+    store.put("a", cgp.Carried("m", cgp.KIND_CALL, "", "s"))
+    clock[0] += 3599
+    assert store.get("a") is not None
+    clock[0] += 2
+    assert store.get("a") is None and len(store) == 0
+
+
+def test_signature_store_is_thread_safe():
+    store = cgp.SignatureStore(b"k", max_entries=500)
+
+    def work(n):
+        for i in range(2000):
+            store.put(f"{n}-{i}", cgp.Carried("m", cgp.KIND_CALL, "", "s"))
+            store.get(f"{n}-{i // 2}")
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(store) == 500
+
+
+def test_carrier_round_trips_and_rejects_tampering_and_other_keys():
+    signature = new_signature()
+    carried = cgp.Carried("gemini-3.5-flash", cgp.KIND_CALL, "call-9", signature)
+    token = cgp.encode_carrier(b"key-one", carried)
+    assert cgp.re.match(r"^[A-Za-z0-9_-]+$", token) and len(token) < 200
+    assert cgp.decode_carrier(b"key-one", token) == carried
+    assert cgp.decode_carrier(b"key-two", token) is None
+    flipped = token[:20] + ("A" if token[20] != "A" else "B") + token[21:]
+    assert cgp.decode_carrier(b"key-one", flipped) is None
+    assert cgp.decode_carrier(b"key-one", "EqQBCkYIBRgCKkDclaudeSignature") is None
+    odd = cgp.Carried("m", cgp.KIND_THOUGHT, "", "not-base64_url-safe==")  # kept verbatim
+    assert cgp.decode_carrier(b"key-one", cgp.encode_carrier(b"key-one", odd)) == odd
+
+
+# == Request translation ======================================================
+
+def translate(body, model="gemini-3.5-flash", store=None, **config):
+    body = dict({"model": model, "max_tokens": 100}, **body)
+    return cgp.to_gemini_request(body, cgp.Config(**config), store or cgp.SignatureStore(b"k" * 32))
+
+
+def test_system_string_blocks_and_system_messages_fold_into_system_instruction():
+    request = translate({"system": [
+        {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.331.44a;"},
+        {"type": "text", "text": "You are helpful.", "cache_control": {"type": "ephemeral"}}],
+        "messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "Be brief."},
+                     {"role": "assistant", "content": "ok"}, {"role": "user", "content": "go"}]})
+    assert request.body["systemInstruction"] == {"parts": [{"text": "You are helpful."}, {"text": "Be brief."}]}
+    assert [c["role"] for c in request.body["contents"]] == ["user", "model", "user"]
+    assert "cache_control" not in json.dumps(request.body)
+
+
+def test_consecutive_turns_of_one_role_are_merged():
+    request = translate({"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": [
+        {"type": "text", "text": "b"}]}, {"role": "assistant", "content": "c"}]})
+    assert request.body["contents"] == [{"role": "user", "parts": [{"text": "a"}, {"text": "b"}]},
+                                        {"role": "model", "parts": [{"text": "c"}]}]
+
+
+def test_images_and_documents_become_inline_and_file_data():
+    png = base64.b64encode(b"\x89PNG fake").decode()
+    request = translate({"messages": [{"role": "user", "content": [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}},
+        {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.webp"}},
+        {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0="}},
+        {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "plain doc"}},
+        {"type": "text", "text": "describe"}]}]})
+    assert request.body["contents"][0]["parts"] == [
+        {"inlineData": {"mimeType": "image/png", "data": png}},
+        {"fileData": {"mimeType": "image/webp", "fileUri": "https://example.com/cat.webp"}},
+        {"inlineData": {"mimeType": "application/pdf", "data": "JVBERi0="}},
+        {"text": "plain doc"}, {"text": "describe"}]
+
+
+def test_gif_gets_a_clear_400_from_the_proxy(gemini, proxy):
+    body = messages_body([{"type": "image", "source": {"type": "base64", "media_type": "image/gif", "data": "R0lG"}}])
+    answer = post(proxy, body)
+    assert answer.status == 400 and answer.json["error"]["type"] == "invalid_request_error"
+    assert "image/gif is not supported" in answer.json["error"]["message"]
+    assert gemini.bodies == []
+
+
+def tool_loop_messages(result_content="file text", is_error=False):
+    return [
+        {"role": "user", "content": "read it"},
+        {"role": "assistant", "content": [{"type": "text", "text": "Reading."},
+                                          {"type": "tool_use", "id": "toolu_a", "name": "Read",
+                                           "input": {"file_path": "/a"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_a",
+                                      "content": result_content, "is_error": is_error}]},
+    ]
+
+
+def test_tool_use_and_tool_result_become_function_call_and_response():
+    request = translate({"messages": tool_loop_messages()})
+    model_turn, user_turn = request.body["contents"][1:]
+    assert model_turn["parts"][1]["functionCall"] == {"name": "Read", "args": {"file_path": "/a"}}
+    assert user_turn["parts"] == [{"functionResponse": {"name": "Read", "response": {"result": "file text"}}}]
+
+
+def test_tool_error_stays_visible_to_the_model():
+    request = translate({"messages": tool_loop_messages("<tool_use_error>no such file</tool_use_error>", True)})
+    response = request.body["contents"][2]["parts"][0]["functionResponse"]["response"]
+    assert response == {"error": "<tool_use_error>no such file</tool_use_error>"}
+
+
+def image_result():
+    png = base64.b64encode(b"png bytes").decode()
+    return [{"type": "text", "text": "screenshot"},
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}}], png
+
+
+def test_images_in_tool_results_go_inside_function_response_on_gemini_3():
+    content, png = image_result()
+    request = translate({"messages": tool_loop_messages(content)}, model="gemini-3.5-flash")
+    parts = request.body["contents"][2]["parts"]
+    assert parts == [{"functionResponse": {"name": "Read", "response": {"result": "screenshot"},
+                                           "parts": [{"inlineData": {"mimeType": "image/png", "data": png}}]}}]
+
+
+def test_images_in_tool_results_follow_the_responses_on_older_models():
+    content, png = image_result()
+    request = translate({"messages": tool_loop_messages(content)}, model="gemini-2.5-flash")
+    parts = request.body["contents"][2]["parts"]
+    assert parts == [{"functionResponse": {"name": "Read", "response": {"result": "screenshot"}}},
+                     {"inlineData": {"mimeType": "image/png", "data": png}}]
+
+
+def test_parallel_calls_keep_order_and_responses_come_first_in_call_order():
+    request = translate({"messages": [
+        {"role": "user", "content": "two things"},
+        {"role": "assistant", "content": [
+            {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {"file_path": "/1"}},
+            {"type": "tool_use", "id": "toolu_2", "name": "Bash", "input": {"command": "ls"}}]},
+        {"role": "user", "content": [
+            {"type": "text", "text": "also this"},
+            {"type": "tool_result", "tool_use_id": "toolu_2", "content": "listing"},
+            {"type": "tool_result", "tool_use_id": "toolu_1", "content": "contents"}]}]})
+    calls = [p["functionCall"]["name"] for p in request.body["contents"][1]["parts"]]
+    assert calls == ["Read", "Bash"]
+    parts = request.body["contents"][2]["parts"]
+    assert [p.get("functionResponse", {}).get("name") for p in parts] == ["Read", "Bash", None]
+    assert parts[0]["functionResponse"]["response"] == {"result": "contents"}
+    assert parts[2] == {"text": "also this"}
+
+
+def test_missing_and_orphan_tool_results_still_give_gemini_matching_counts():
+    request = translate({"messages": [
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_gone", "content": "old"}]},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_x", "name": "Read", "input": {}}]},
+        {"role": "user", "content": "carry on"}]})
+    first, _, last = request.body["contents"]
+    assert first["parts"][0]["text"].endswith("old")
+    assert "functionResponse" in last["parts"][0] and last["parts"][1] == {"text": "carry on"}
+
+
+def test_tools_keep_full_json_schema_minus_root_schema_keyword():
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
+              "properties": {"mode": {"const": "x"}, "tags": {"type": "array", "items": {"type": "string"}},
+                             "v": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+                             "m": {"type": "object", "propertyNames": {"pattern": "^a"}}},
+              "required": ["mode"], "additionalProperties": False}
+    request = translate({"messages": [{"role": "user", "content": "hi"}],
+                         "tools": [{"name": "T", "description": "d", "input_schema": schema,
+                                    "cache_control": {"type": "ephemeral"}}]})
+    declaration = request.body["tools"][0]["functionDeclarations"][0]
+    expected = dict(schema)
+    del expected["$schema"]
+    assert declaration == {"name": "T", "description": "d", "parametersJsonSchema": expected}
+
+
+def test_server_tools_are_left_out_not_rejected():
+    request = translate({"messages": [{"role": "user", "content": "hi"}], "tools": [
+        {"type": "web_search_20250305", "name": "web_search"},
+        {"type": "code_execution_20250825", "name": "code_execution"},
+        {"name": "Read", "input_schema": {"type": "object"}}]})
+    assert [d["name"] for d in request.body["tools"][0]["functionDeclarations"]] == ["Read"]
+
+
+def test_long_and_odd_tool_names_are_renamed_and_mapped_back(gemini, proxy):
+    long_name = "mcp__a_very_long_server_name_for_testing__and_an_even_longer_tool_name_here"
+    odd_name = "9tool with spaces"
+    tools = [{"name": long_name, "input_schema": {"type": "object"}},
+             {"name": odd_name, "input_schema": {"type": "object"}}]
+    request = translate({"messages": [{"role": "user", "content": "hi"}], "tools": tools})
+    names = [d["name"] for d in request.body["tools"][0]["functionDeclarations"]]
+    assert all(cgp.GEMINI_NAME_RE.match(n) for n in names) and len(set(names)) == 2
+    gemini.script = [Reply(chunk(call(names[0], {"a": 1}), call(names[1], {}), finish="STOP"))]
+    answer = post(proxy, messages_body(tools=tools))
+    assert [b["name"] for b in answer.json["content"]] == [long_name, odd_name]
+    assert gemini.bodies[0]["tools"][0]["functionDeclarations"][0]["name"] == names[0]
+
+
+@pytest.mark.parametrize("choice,expected", [
+    ({"type": "auto"}, {"mode": "AUTO"}),
+    ({"type": "any"}, {"mode": "ANY"}),
+    ({"type": "tool", "name": "Read"}, {"mode": "ANY", "allowedFunctionNames": ["Read"]}),
+    ({"type": "none"}, {"mode": "NONE"}),
+    ({"type": "tool", "name": "NotDeclared"}, {"mode": "AUTO"}),
+])
+def test_tool_choice_mapping(choice, expected):
+    request = translate({"messages": [{"role": "user", "content": "hi"}], "tool_choice": choice,
+                         "tools": [{"name": "Read", "input_schema": {"type": "object"}}]})
+    assert request.body["toolConfig"] == {"functionCallingConfig": expected}
+
+
+def test_generation_config_and_clamps():
+    request = translate({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000,
+                         "temperature": 0.5, "top_p": 0.9, "top_k": 40,
+                         "stop_sequences": ["a", "b", "c", "d", "e", "f", "g"]}, model="gemini-3.5-flash")
+    generation = request.body["generationConfig"]
+    assert generation["maxOutputTokens"] == 60000
+    assert (generation["temperature"], generation["topP"], generation["topK"]) == (0.5, 0.9, 40)
+    assert generation["stopSequences"] == ["a", "b", "c", "d", "e"]
+    assert request.stop_sequences == ("a", "b", "c", "d", "e", "f", "g")
+    default = translate({"messages": [{"role": "user", "content": "hi"}], "max_tokens": None})
+    assert default.body["generationConfig"]["maxOutputTokens"] == 32768
+
+
+@pytest.mark.parametrize("model,thinking,effort,expected", [
+    ("gemini-2.5-flash", {"type": "enabled", "budget_tokens": 5000}, None,
+     {"thinkingBudget": 5000, "includeThoughts": True}),
+    ("gemini-3.5-flash", {"type": "enabled", "budget_tokens": 2000}, None,
+     {"thinkingLevel": "LOW", "includeThoughts": True}),
+    ("gemini-3.5-flash", {"type": "enabled", "budget_tokens": 31999}, None,
+     {"thinkingLevel": "HIGH", "includeThoughts": True}),
+    ("gemini-3.5-flash", {"type": "disabled"}, None, {"thinkingLevel": "MINIMAL"}),
+    ("gemini-3.8-flash", {"type": "disabled"}, None, {"thinkingLevel": "LOW"}),
+    ("gemini-3.1-pro-preview", {"type": "disabled"}, None, {"thinkingLevel": "LOW"}),
+    ("gemini-2.5-flash", {"type": "disabled"}, None, {"thinkingBudget": 0}),
+    ("gemini-2.5-pro", {"type": "disabled"}, None, {"thinkingBudget": 128}),
+    ("gemini-3.5-flash", {"type": "adaptive"}, "low", {"thinkingLevel": "LOW", "includeThoughts": True}),
+    ("gemini-3.5-flash", {"type": "adaptive"}, "medium", {"thinkingLevel": "MEDIUM", "includeThoughts": True}),
+    ("gemini-3.5-flash", {"type": "adaptive"}, "high", {"thinkingLevel": "HIGH", "includeThoughts": True}),
+    ("gemini-3.5-flash", {"type": "adaptive"}, "max", {"thinkingLevel": "HIGH", "includeThoughts": True}),
+    ("gemini-2.5-flash", {"type": "adaptive"}, "high", {"thinkingBudget": 16384, "includeThoughts": True}),
+    ("gemini-2.5-flash", {"type": "adaptive"}, "max", {"thinkingBudget": 24576, "includeThoughts": True}),
+])
+def test_thinking_maps_per_model_family(model, thinking, effort, expected):
+    body = {"messages": [{"role": "user", "content": "hi"}], "thinking": thinking}
+    if effort:
+        body["output_config"] = {"effort": effort}
+    request = translate(body, model=model)
+    assert request.body["generationConfig"]["thinkingConfig"] == expected
+
+
+def test_structured_output_becomes_response_json_schema():
+    schema = {"type": "object", "properties": {"title": {"type": "string"}}, "required": ["title"],
+              "additionalProperties": False}
+    request = translate({"messages": [{"role": "user", "content": "title?"}],
+                         "output_config": {"format": {"type": "json_schema", "schema": schema}},
+                         "context_management": {"edits": []}, "metadata": {"user_id": "u"}})
+    generation = request.body["generationConfig"]
+    assert generation["responseMimeType"] == "application/json" and generation["responseJsonSchema"] == schema
+    assert "context_management" not in json.dumps(request.body) and "user_id" not in json.dumps(request.body)
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"messages": []}, "model"),
+    ({"model": "gemini-3.5-flash"}, "messages"),
+    ({"model": 5, "messages": []}, "model"),
+    ({"model": "m", "messages": "hi"}, "messages"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": "10"}, "max_tokens"),
+    ({"model": "m", "messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+    ({"model": "m", "messages": [{"role": "user", "content": 7}]}, "messages.0.content"),
+    ({"model": "m", "messages": [{"role": "user", "content": "x"}], "stop_sequences": [1]}, "stop_sequences.0"),
+])
+def test_wrong_input_is_400_naming_the_field(gemini, proxy, body, field):
+    answer = post(proxy, body)
+    assert answer.status == 400 and answer.json["error"]["type"] == "invalid_request_error"
+    assert answer.json["error"]["message"].startswith(field), answer.json
+    assert gemini.bodies == []
