@@ -1025,9 +1025,9 @@ class ResponseFold:
         """Return the closing events; raise ProxyError when Gemini's answer was unusable."""
         events = []
         self._flush_held(events)
-        self._close(events)
         if self.stop_reason is None:
             self.stop_reason = self._stop_reason(events)
+        self._close(events)
         delta = {"stop_reason": self.stop_reason, "stop_sequence": self.stop_sequence}
         events.append(("message_delta", {"type": "message_delta", "delta": delta, "usage": self.usage()}))
         events.append(("message_stop", {"type": "message_stop"}))
@@ -1048,7 +1048,6 @@ class ResponseFold:
                                  {"x-should-retry": "true"})
             self._emit_text(f"\n\n[proxy: Gemini ended with {self.finish_reason}; its tool call "
                             "was lost. Ask again to retry.]", events)
-            self._close(events)
             return "end_turn"
         if self.finish_reason not in STOP_REASONS:
             raise ProxyError(502, "api_error", f"Gemini stopped with {self.finish_reason}")

@@ -127,7 +127,7 @@ class FakeGemini:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.base = f"http://127.0.0.1:{self.server.server_address[1]}/v1beta"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def record(self, handler, body):
         with self.lock:
@@ -901,3 +901,159 @@ def test_wrong_input_is_400_naming_the_field(gemini, proxy, body, field):
     assert answer.status == 400 and answer.json["error"]["type"] == "invalid_request_error"
     assert answer.json["error"]["message"].startswith(field), answer.json
     assert gemini.bodies == []
+
+
+# == Response translation =====================================================
+
+def fold_for(body=None, model="gemini-3.5-flash", store=None, **extra):
+    store = store or cgp.SignatureStore(b"k" * 32)
+    request = translate(dict({"messages": [{"role": "user", "content": "hi"}]}, **(body or {})), model=model, store=store)
+    return cgp.ResponseFold(request, store), store
+
+
+def run_fold(fold, chunks):
+    events = fold.start()
+    for answer in chunks:
+        events += fold.feed(answer)
+    events += fold.finish()
+    return events
+
+
+def test_parts_become_blocks_in_order_with_usage():
+    fold, _ = fold_for({"thinking": {"type": "adaptive"}})
+    usage = {"promptTokenCount": 100, "cachedContentTokenCount": 40, "candidatesTokenCount": 7,
+             "thoughtsTokenCount": 20, "totalTokenCount": 127}
+    run_fold(fold, [chunk(text("Plan.", thought=True), text("Hello"), call("Read", {"file_path": "/x"}),
+                          finish="STOP", usage=usage)])
+    message = fold.message()
+    assert [b["type"] for b in message["content"]] == ["thinking", "text", "tool_use"]
+    assert message["content"][0]["thinking"] == "Plan." and message["content"][1]["text"] == "Hello"
+    assert message["content"][2]["input"] == {"file_path": "/x"}
+    assert message["content"][2]["id"].startswith("toolu_")
+    assert message["stop_reason"] == "tool_use"  # Gemini says STOP even when it called a tool
+    assert message["usage"] == {"input_tokens": 60, "cache_creation_input_tokens": 0,
+                                "cache_read_input_tokens": 40, "output_tokens": 27}
+
+
+@pytest.mark.parametrize("finish,stop_reason", [
+    ("STOP", "end_turn"), ("MAX_TOKENS", "max_tokens"), ("SAFETY", "refusal"),
+    ("PROHIBITED_CONTENT", "refusal"), ("BLOCKLIST", "refusal"), ("SPII", "refusal"),
+    ("RECITATION", "refusal"),
+])
+def test_finish_reasons_map_to_stop_reasons(finish, stop_reason):
+    fold, _ = fold_for()
+    run_fold(fold, [chunk(text("partial"), finish=finish)])
+    assert fold.message()["stop_reason"] == stop_reason
+    assert fold.message()["content"] == [{"type": "text", "text": "partial"}]
+
+
+def test_blocked_prompt_is_a_refusal():
+    fold, _ = fold_for()
+    run_fold(fold, [{"promptFeedback": {"blockReason": "SAFETY"}, "usageMetadata": {"promptTokenCount": 5}}])
+    assert fold.message()["stop_reason"] == "refusal" and fold.message()["content"] == []
+
+
+def test_stop_sequence_beyond_the_fifth_is_enforced_and_reported():
+    fold, _ = fold_for({"stop_sequences": ["a1", "a2", "a3", "a4", "a5", "HALT"]})
+    run_fold(fold, [chunk(text("keep this HALT drop that"), finish="STOP")])
+    message = fold.message()
+    assert message["content"] == [{"type": "text", "text": "keep this "}]
+    assert (message["stop_reason"], message["stop_sequence"]) == ("stop_sequence", "HALT")
+
+
+def test_stop_sequence_split_across_chunks_holds_back_only_a_possible_start():
+    fold, _ = fold_for({"stop_sequences": ["1", "2", "3", "4", "5", "<END>"]})
+    fold.start()
+    first = fold.feed(chunk(text("abc<E")))
+    assert [e[1]["delta"]["text"] for e in first if e[0] == "content_block_delta"] == ["abc"]
+    second = fold.feed(chunk(text("ND>tail"), finish="STOP"))
+    assert fold.done and not any(e[0] == "content_block_delta" for e in second)
+    fold.finish()
+    assert fold.message()["content"][0]["text"] == "abc" and fold.message()["stop_sequence"] == "<END>"
+
+
+def test_held_text_that_was_not_a_stop_sequence_is_released():
+    fold, _ = fold_for({"stop_sequences": ["1", "2", "3", "4", "5", "<END>"]})
+    run_fold(fold, [chunk(text("x <E")), chunk(text("h? no"), finish="STOP")])
+    assert fold.message()["content"][0]["text"] == "x <Eh? no" and fold.message()["stop_reason"] == "end_turn"
+
+
+def test_malformed_function_call_after_text_ends_honestly():
+    fold, _ = fold_for()
+    run_fold(fold, [chunk(text("Let me call it."), finish="MALFORMED_FUNCTION_CALL")])
+    message = fold.message()
+    assert message["stop_reason"] == "end_turn" and "MALFORMED_FUNCTION_CALL" in message["content"][0]["text"]
+
+
+def test_thinking_is_not_shown_to_clients_that_did_not_ask():
+    fold, _ = fold_for()
+    run_fold(fold, [chunk(text("secret plan", thought=True), text("Answer"), finish="STOP")])
+    assert fold.message()["content"] == [{"type": "text", "text": "Answer"}]
+
+
+def test_display_omitted_gives_thinking_blocks_with_signature_and_no_text():
+    fold, store = fold_for({"thinking": {"type": "adaptive", "display": "omitted"}})
+    signature = new_signature()
+    run_fold(fold, [chunk(text("private", thought=True, thoughtSignature=signature), text("Hi"), finish="STOP")])
+    thinking = fold.message()["content"][0]
+    assert thinking["type"] == "thinking" and thinking["thinking"] == ""
+    assert store.resolve(thinking["signature"]).signature == signature
+
+
+def test_signature_on_a_trailing_empty_text_part_is_kept():
+    fold, store = fold_for({"thinking": {"type": "enabled", "budget_tokens": 2000}})
+    signature = new_signature()
+    run_fold(fold, [chunk(text("Answer")), chunk(text("", thoughtSignature=signature), finish="STOP")])
+    content = fold.message()["content"]
+    assert [b["type"] for b in content] == ["text", "thinking"]
+    carried = store.resolve(content[1]["signature"])
+    assert (carried.signature, carried.kind) == (signature, cgp.KIND_TEXT)
+
+
+def test_tool_ids_carry_gemini_call_id_and_signature_and_are_unique():
+    fold, store = fold_for()
+    signature = new_signature()
+    run_fold(fold, [chunk(call("Read", {}, call_id="c1", signature=signature), call("Read", {}, call_id="c1"),
+                          call("Bash", {}), finish="STOP")])
+    ids = [b["id"] for b in fold.message()["content"]]
+    assert len(set(ids)) == 3 and all(cgp.re.match(r"^toolu_[A-Za-z0-9_-]+$", i) for i in ids)
+    first = cgp.decode_carrier(store.key, ids[0][6:])
+    assert (first.call_id, first.signature, first.model) == ("c1", signature, "gemini-3.5-flash")
+    assert cgp.decode_carrier(store.key, ids[1][6:]).signature == ""
+
+
+def test_stream_events_concatenate_to_the_non_stream_message():
+    chunks = [chunk(text("Thinking about it", thought=True)), chunk(text("", thought=True, thoughtSignature=new_signature())),
+              chunk(text("Hello ")), chunk(text("world")),
+              chunk(call("Read", {"file_path": "/x", "n": [1, 2]}, call_id="c9"), finish="STOP")]
+    body = {"thinking": {"type": "adaptive"}}
+    fold, _ = fold_for(body)
+    events = run_fold(fold, chunks)
+    raw = b"".join(cgp.sse_frame(name, data) for name, data in events)
+    _, rebuilt = read_sse(raw)
+    whole, _ = fold_for(body)
+    run_fold(whole, [merge_chunks(chunks)])
+    expected = whole.message()
+    for block, other in zip(rebuilt["content"], expected["content"]):
+        if block["type"] == "tool_use":
+            block["id"] = other["id"]  # ids are minted per answer
+        if block["type"] == "thinking":
+            block["signature"] = other["signature"]
+    assert rebuilt["content"] == expected["content"]
+    assert rebuilt["stop_reason"] == expected["stop_reason"] == "tool_use"
+
+
+def test_web_search_grounding_becomes_server_tool_blocks():
+    body = {"tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 8}],
+            "tool_choice": {"type": "tool", "name": "web_search"}}
+    fold, _ = fold_for(body)
+    grounding = {"webSearchQueries": ["capital of France"],
+                 "groundingChunks": [{"web": {"uri": "https://example.com/paris", "title": "Paris"}}]}
+    run_fold(fold, [chunk(text("Paris."), finish="STOP", grounding=grounding)])
+    message = fold.message()
+    assert [b["type"] for b in message["content"]] == ["server_tool_use", "web_search_tool_result", "text"]
+    use, result = message["content"][:2]
+    assert use["name"] == "web_search" and use["input"] == {"query": "capital of France"}
+    assert cgp.re.match(r"^srvtoolu_[a-zA-Z0-9_]+$", use["id"]) and result["tool_use_id"] == use["id"]
+    assert result["content"][0]["url"] == "https://example.com/paris"
+    assert message["usage"]["server_tool_use"] == {"web_search_requests": 1}
