@@ -47,6 +47,7 @@ import os
 import random
 import re
 import secrets
+import select
 import signal
 import socket
 import socketserver
@@ -1543,9 +1544,13 @@ class SSEStream:
                 pass
 
     def client_left(self) -> bool:
+        """Return True if the client closed its end (readable with nothing to read)."""
+        connection = self.handler.connection
         try:
-            return self.handler.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-        except BlockingIOError:
+            if not select.select([connection], [], [], 0)[0]:
+                return False
+            return connection.recv(1, socket.MSG_PEEK) == b""
+        except ValueError:  # a descriptor select() cannot watch: rely on the next write instead
             return False
         except OSError:
             return True

@@ -1057,3 +1057,284 @@ def test_web_search_grounding_becomes_server_tool_blocks():
     assert cgp.re.match(r"^srvtoolu_[a-zA-Z0-9_]+$", use["id"]) and result["tool_use_id"] == use["id"]
     assert result["content"][0]["url"] == "https://example.com/paris"
     assert message["usage"]["server_tool_use"] == {"web_search_requests": 1}
+
+
+# == HTTP handler: routes, auth, limits ======================================
+
+def test_health_needs_no_auth_and_never_calls_gemini(gemini, start_proxy):
+    guarded = start_proxy(make_config(gemini, proxy_auth_token="s3cret"))
+    answer = request(guarded, "GET", "/health")
+    assert answer.status == 200 and answer.json == {"status": "ok"}
+    assert gemini.requests == []
+
+
+@pytest.mark.parametrize("headers,status", [
+    ({}, 401), ({"x-api-key": "wrong"}, 401), ({"authorization": "Bearer wrong"}, 401),
+    ({"x-api-key": "s3cret"}, 200), ({"authorization": "Bearer s3cret"}, 200),
+])
+def test_proxy_auth_token_guards_every_route(gemini, start_proxy, headers, status):
+    guarded = start_proxy(make_config(gemini, proxy_auth_token="s3cret"))
+    answer = post(guarded, messages_body(), headers=headers)
+    assert answer.status == status
+    if status == 401:
+        assert answer.json["error"]["type"] == "authentication_error" and gemini.requests == []
+        assert request(guarded, "GET", "/v1/models", headers=headers).status == 401
+        assert post(guarded, messages_body(), "/v1/messages/count_tokens", headers=headers).status == 401
+
+
+def test_client_credentials_never_go_upstream_and_key_never_in_url(gemini, proxy):
+    post(proxy, messages_body(), headers={"x-api-key": "client-key", "authorization": "Bearer client-token",
+                                          "anthropic-version": "2023-06-01", "anthropic-beta": "x"})
+    method, path, headers, _ = gemini.requests[0]
+    lower = {k.lower(): v for k, v in headers.items()}
+    assert lower["x-goog-api-key"] == "test-key" and "authorization" not in lower
+    assert "client" not in json.dumps(lower) and "anthropic-beta" not in lower
+    assert "key" not in path.lower() and path == "/v1beta/models/gemini-3.5-flash:generateContent"
+
+
+def test_bearer_auth_type_sends_authorization(gemini, start_proxy):
+    bearer = start_proxy(make_config(gemini, auth_type="bearer"))
+    post(bearer, messages_body())
+    lower = {k.lower(): v for k, v in gemini.requests[0][2].items()}
+    assert lower["authorization"] == "Bearer test-key" and "x-goog-api-key" not in lower
+
+
+def test_beta_query_is_accepted_and_response_names_the_client_model(gemini, proxy):
+    answer = post(proxy, messages_body(), path="/v1/messages?beta=true")
+    assert answer.status == 200 and answer.json["model"] == "claude-sonnet-4-5-20250929"
+    assert answer.headers["x-gemini-model"] == "gemini-3.5-flash"
+    assert answer.headers["request-id"].startswith("req_")
+    assert answer.json["content"] == [{"type": "text", "text": "Hello from Gemini."}]
+    assert answer.json["id"].startswith("msg_") and answer.json["type"] == "message"
+
+
+def test_unknown_path_is_404_and_wrong_method_is_405(proxy):
+    missing = request(proxy, "GET", "/v1/nothing")
+    assert missing.status == 404 and missing.json["error"]["type"] == "not_found_error"
+    wrong = request(proxy, "GET", "/v1/messages")
+    assert wrong.status == 405 and wrong.json["type"] == "error"
+    assert request(proxy, "DELETE", "/v1/models").status == 405
+
+
+def test_head_warm_up_is_answered(proxy):
+    assert request(proxy, "HEAD", "/").status == 200
+    assert request(proxy, "HEAD", "/api/hello").status == 200
+
+
+def test_bad_json_gets_400_and_next_request_works(gemini, proxy):
+    answer = request(proxy, "POST", "/v1/messages", raw=b'{"model": ')
+    assert answer.status == 400 and "not valid JSON" in answer.json["error"]["message"]
+    assert post(proxy, messages_body()).status == 200
+
+
+def test_body_over_limit_is_413_without_reading_it_into_memory(gemini, start_proxy):
+    small = start_proxy(make_config(gemini, max_request_bytes=1000))
+    answer = request(small, "POST", "/v1/messages", raw=b"x" * 5000)
+    assert answer.status == 413 and answer.json["error"]["type"] == "request_too_large"
+    assert gemini.requests == [] and post(small, messages_body()).status == 200
+
+
+def test_keep_alive_serves_several_requests_on_one_connection(gemini, proxy):
+    conn = proxy.connect()
+    for _ in range(3):
+        conn.request("POST", "/v1/messages", body=json.dumps(messages_body()),
+                     headers={"content-type": "application/json"})
+        response = conn.getresponse()
+        assert response.status == 200 and json.loads(response.read())["type"] == "message"
+    conn.close()
+
+
+def test_count_tokens_uses_gemini_count_tokens_with_system_and_tools(gemini, proxy):
+    body = {"model": "claude-sonnet-4-5", "system": "sys prompt",
+            "messages": [{"role": "user", "content": "foo"}],
+            "tools": [{"name": "Read", "input_schema": {"type": "object"}}]}
+    answer = post(proxy, body, path="/v1/messages/count_tokens?beta=true",
+                  headers={"anthropic-beta": "token-counting-2024-11-01"})
+    assert answer.status == 200 and answer.json["input_tokens"] > 0
+    method, path, _, sent = gemini.requests[0]
+    assert path == "/v1beta/models/gemini-3.5-flash:countTokens"
+    inner = sent["generateContentRequest"]
+    assert inner["model"] == "models/gemini-3.5-flash" and inner["systemInstruction"]["parts"][0]["text"] == "sys prompt"
+    assert inner["tools"][0]["functionDeclarations"][0]["name"] == "Read"
+    assert answer.json["input_tokens"] == len(json.dumps(sent)) // 4
+    assert "x-token-count-estimated" not in answer.headers
+
+
+def test_count_tokens_estimates_when_upstream_has_none(gemini, proxy):
+    gemini.count_tokens_status = 404
+    answer = post(proxy, {"model": "m", "messages": [{"role": "user", "content": "hello " * 100}]},
+                  path="/v1/messages/count_tokens")
+    assert answer.status == 200 and answer.headers["x-token-count-estimated"] == "true"
+    assert 100 < answer.json["input_tokens"] < 400
+
+
+def test_models_list_pages_gemini_and_adds_table_names(gemini, proxy):
+    answer = request(proxy, "GET", "/v1/models?limit=1000")
+    ids = [m["id"] for m in answer.json["data"]]
+    assert ids[:2] == ["gemini-3.5-flash", "gemini-3.1-pro-preview"] and "embedding-001" not in ids
+    assert {"Kimi-K2.5", "Claude Sonnet 4.6", "Claude Opus 4.6"} <= set(ids)
+    flash = answer.json["data"][0]
+    assert flash["type"] == "model" and flash["max_input_tokens"] == 1048576 and flash["max_tokens"] == 65536
+    assert answer.json["first_id"] == ids[0] and answer.json["last_id"] == ids[-1] and not answer.json["has_more"]
+    assert len([r for r in gemini.requests if r[0] == "GET"]) == 2  # both pages
+    page = request(proxy, "GET", "/v1/models?limit=2")
+    assert [m["id"] for m in page.json["data"]] == ids[:2] and page.json["has_more"]
+    after = request(proxy, "GET", f"/v1/models?limit=2&after_id={ids[1]}")
+    assert [m["id"] for m in after.json["data"]] == ids[2:4]
+    before = request(proxy, "GET", f"/v1/models?limit=1&before_id={ids[2]}")
+    assert [m["id"] for m in before.json["data"]] == [ids[1]]
+    assert len([r for r in gemini.requests if r[0] == "GET"]) == 2  # cached
+
+
+def test_get_one_model_or_404(gemini, proxy):
+    assert request(proxy, "GET", "/v1/models/gemini-3.5-flash").json["id"] == "gemini-3.5-flash"
+    assert request(proxy, "GET", "/v1/models/Claude%20Opus%204.6").json["id"] == "Claude Opus 4.6"
+    missing = request(proxy, "GET", "/v1/models/nope")
+    assert missing.status == 404 and missing.json["error"]["type"] == "not_found_error"
+
+
+def test_malformed_function_call_is_retried_once_invisibly(gemini, proxy):
+    gemini.script = [Reply(chunk(finish="MALFORMED_FUNCTION_CALL")),
+                     Reply(chunk(call("Read", {"file_path": "/a"}), finish="STOP"))]
+    answer = post(proxy, messages_body(tools=[{"name": "Read", "input_schema": {"type": "object"}}]))
+    assert answer.status == 200 and answer.json["stop_reason"] == "tool_use"
+    assert len(gemini.bodies) == 2
+    gemini.script = [Reply(chunk(finish="MALFORMED_FUNCTION_CALL"))] * 2
+    failed = post(proxy, messages_body())
+    assert failed.status == 502 and failed.json["error"]["type"] == "api_error"
+
+
+def test_debug_logs_redact_keys_and_base64(gemini, start_proxy, caplog):
+    caplog.set_level("DEBUG", logger="claude_gemini_proxy")
+    loud = start_proxy(make_config(gemini, api_keys=("AIzaSecretKey",), debug=True, proxy_auth_token="tok-123"))
+    png = base64.b64encode(b"\x89PNG" * 50).decode()
+    post(loud, messages_body([{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}},
+                              {"type": "text", "text": "hi"}]), headers={"x-api-key": "tok-123"})
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "upstream POST" in logged and "/v1/messages 200" in logged
+    assert "AIzaSecretKey" not in logged and "tok-123" not in logged and png[:40] not in logged
+
+
+# == HTTP handler: streaming ================================================
+
+def test_stream_relays_text_as_it_arrives(gemini, proxy):
+    gemini.script = [Reply(chunk(text("Hel")), chunk(text("lo")), chunk(text(" there"), finish="STOP",
+                           usage={"promptTokenCount": 30, "candidatesTokenCount": 3}), pause=0.3)]
+    conn = proxy.connect()
+    conn.request("POST", "/v1/messages", body=json.dumps(dict(messages_body(), stream=True)),
+                 headers={"content-type": "application/json"})
+    started = time.monotonic()
+    response = conn.getresponse()
+    seen_delta_at = None
+    raw = b""
+    while True:
+        line = response.readline()
+        if not line:
+            break
+        raw += line
+        if seen_delta_at is None and b"content_block_delta" in line:
+            seen_delta_at = time.monotonic() - started
+    conn.close()
+    total = time.monotonic() - started
+    assert seen_delta_at is not None and seen_delta_at < total - 0.45  # before the last chunk was sent
+    events, message = read_sse(raw)
+    assert message["content"] == [{"type": "text", "text": "Hello there"}]
+    assert message["stop_reason"] == "end_turn" and message["usage"]["input_tokens"] == 30
+    assert message["usage"]["output_tokens"] == 3
+    assert gemini.requests[0][1].endswith(":streamGenerateContent?alt=sse")
+
+
+def test_stream_of_thinking_and_parallel_tool_calls(gemini, proxy):
+    signature = new_signature()
+    gemini.script = [Reply(chunk(text("Let me look", thought=True)),
+                           chunk(text("", thought=True, thoughtSignature=signature)),
+                           chunk(text("Reading both.")),
+                           chunk(call("Read", {"file_path": "/a"}, call_id="c1"), call("Read", {"file_path": "/b"}, call_id="c2")),
+                           chunk(finish="STOP"))]
+    events, message = stream(proxy, messages_body(thinking={"type": "enabled", "budget_tokens": 2000},
+                                                  tools=[{"name": "Read", "input_schema": {"type": "object"}}]))
+    assert [b["type"] for b in message["content"]] == ["thinking", "text", "tool_use", "tool_use"]
+    assert message["content"][0]["thinking"] == "Let me look" and message["content"][0]["signature"]
+    assert [b["input"] for b in message["content"][2:]] == [{"file_path": "/a"}, {"file_path": "/b"}]
+    assert all(b["input"] == {} for b in (e["content_block"] for e in events if e["type"] == "content_block_start")
+               if b["type"] == "tool_use")
+    assert message["stop_reason"] == "tool_use"
+
+
+def test_stream_mid_stream_error_becomes_sse_error(gemini, proxy):
+    error = {"error": {"code": 503, "message": "high demand", "status": "UNAVAILABLE"}}
+    gemini.script = [Reply(chunk(text("partial")), error)]
+    events, _ = stream(proxy, messages_body())
+    assert events[-1]["type"] == "error" and events[-1]["error"]["type"] == "overloaded_error"
+    assert "message_stop" not in [e["type"] for e in events]
+
+
+def test_stream_raw_json_error_tail_becomes_sse_error(gemini, proxy):
+    tail = b'{\n  "error": {\n    "code": 429,\n    "message": "quota",\n    "status": "RESOURCE_EXHAUSTED"\n  }\n}\n'
+    gemini.script = [Reply(chunk(text("partial")), tail=tail)]
+    events, _ = stream(proxy, messages_body())
+    assert events[-1]["type"] == "error" and events[-1]["error"]["type"] == "rate_limit_error"
+
+
+def test_stream_truncated_or_reset_is_an_error_not_a_silent_stop(gemini, proxy):
+    gemini.script = [Reply(chunk(text("partial")), cut=True)]
+    events, _ = stream(proxy, messages_body())
+    assert events[-1]["type"] == "error" and events[-1]["error"]["type"] == "api_error"
+    gemini.script = [Reply(chunk(text("no finish reason")))]
+    events, _ = stream(proxy, messages_body())
+    assert events[-1]["type"] == "error"
+    assert post(proxy, messages_body()).status == 200
+
+
+def test_stream_upstream_error_before_first_chunk_is_plain_http_error(gemini, proxy):
+    gemini.script = [Reply(status=429, error=gemini_error(429, "slow down", "RESOURCE_EXHAUSTED"))]
+    answer = post(proxy, dict(messages_body(), stream=True))
+    assert answer.status == 429 and answer.json["error"]["type"] == "rate_limit_error"
+
+
+def test_stream_pings_while_gemini_is_silent(gemini, start_proxy):
+    quick = start_proxy(make_config(gemini, ping_interval=0.1))
+    gemini.script = [Reply(chunk(text("a")), chunk(text("b"), finish="STOP"), pause=0.5)]
+    events, message = stream(quick, messages_body())
+    assert "ping" in [e["type"] for e in events] and message["content"][0]["text"] == "ab"
+
+
+def test_buffered_mode_replays_one_answer_and_pings_while_waiting(gemini, start_proxy):
+    buffered = start_proxy(make_config(gemini, stream_mode="buffered", ping_interval=0.1))
+    gemini.script = [Reply(chunk(text("whole answer"), finish="STOP"), before=0.5)]
+    events, message = stream(buffered, messages_body())
+    names = [e["type"] for e in events]
+    assert names[0] == "message_start" and "ping" in names
+    assert message["content"] == [{"type": "text", "text": "whole answer"}]
+    assert gemini.requests[0][1].endswith(":generateContent")
+
+
+def test_stream_stop_sequence_closes_upstream_early(gemini, proxy):
+    gemini.script = [Reply(chunk(text("one two ST")), chunk(text("OP three")), chunk(text("four"), finish="STOP"),
+                           pause=0.2)]
+    started = time.monotonic()
+    events, message = stream(proxy, messages_body(stop_sequences=["1", "2", "3", "4", "5", "STOP"]))
+    assert message["content"][0]["text"] == "one two " and message["stop_sequence"] == "STOP"
+    assert message["stop_reason"] == "stop_sequence" and time.monotonic() - started < 0.39
+
+
+def test_client_disconnect_mid_stream_stops_upstream_and_proxy_goes_on(gemini, proxy):
+    gemini.script = [Reply(*[chunk(text(f"piece {i} ")) for i in range(40)], chunk(finish="STOP"), pause=0.05)]
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    payload = json.dumps(dict(messages_body(), stream=True)).encode()
+    sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+    assert b"content_block_delta" in sock.recv(65536) or b"content_block_delta" in sock.recv(65536)
+    sock.close()
+    deadline = time.monotonic() + 3
+    while proxy.server.active_requests and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proxy.server.active_requests == 0  # stopped long before the 2 s the upstream needs
+    assert post(proxy, messages_body()).status == 200
+
+
+def test_stream_empty_answer_is_retried_before_anything_is_sent(gemini, proxy):
+    gemini.script = [Reply(chunk(finish="MALFORMED_FUNCTION_CALL")), Reply(chunk(text("second try"), finish="STOP"))]
+    events, message = stream(proxy, messages_body())
+    assert message["content"] == [{"type": "text", "text": "second try"}]
+    assert len(gemini.bodies) == 2
