@@ -1338,3 +1338,158 @@ def test_stream_empty_answer_is_retried_before_anything_is_sent(gemini, proxy):
     events, message = stream(proxy, messages_body())
     assert message["content"] == [{"type": "text", "text": "second try"}]
     assert len(gemini.bodies) == 2
+
+
+# == Signatures across turns, instances and restarts =========================
+
+TOOLS = [{"name": "Bash", "description": "run", "input_schema": {"type": "object", "properties": {
+    "command": {"type": "string"}}, "required": ["command"]}}]
+
+
+def tool_round_reply(n):
+    return Reply(chunk(text(f"Step {n}.")), chunk(call("Bash", {"command": f"echo {n}"}, call_id=f"call-{n}")),
+                 chunk(finish="STOP"))
+
+
+def run_tool_rounds(proxies, gemini, rounds=3, streamed=True, history=None):
+    """Drive a Bash tool loop; proxies[i % len] answers round i. Return the final history."""
+    history = list(history or [{"role": "user", "content": "run three commands"}])
+    for n in range(rounds + 1):
+        gemini.script = [tool_round_reply(n) if n < rounds else Reply(chunk(text("All done."), finish="STOP"))]
+        body = {"model": "gemini-3.5-flash", "max_tokens": 1000, "messages": history, "tools": TOOLS}
+        target = proxies[n % len(proxies)]
+        if streamed:
+            _, message = stream(target, body)
+        else:
+            answer = post(target, body)
+            assert answer.status == 200, answer.json
+            message = answer.json
+        history.append({"role": "assistant", "content": message["content"]})
+        if n < rounds:
+            tool = message["content"][-1]
+            assert tool["type"] == "tool_use" and tool["name"] == "Bash"
+            history.append({"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": tool["id"], "content": f"output {n}"}]})
+    return history
+
+
+def replayed_calls(body):
+    return [p for c in body["contents"] if c["role"] == "model" for p in c["parts"] if "functionCall" in p]
+
+
+def assert_real_signatures_reached_gemini(gemini):
+    for body in gemini.bodies[1:]:
+        for part in replayed_calls(body):
+            assert part["thoughtSignature"] in gemini.issued, part
+    assert gemini.bypassed == 0
+
+
+def test_three_tool_rounds_through_one_instance(gemini, proxy):
+    history = run_tool_rounds([proxy], gemini)
+    assert history[-1]["content"] == [{"type": "text", "text": "All done."}]
+    assert_real_signatures_reached_gemini(gemini)
+    calls = replayed_calls(gemini.bodies[-1])
+    assert [c["functionCall"]["id"] for c in calls] == ["call-0", "call-1", "call-2"]
+    responses = [p["functionResponse"] for c in gemini.bodies[-1]["contents"] for p in c["parts"]
+                 if "functionResponse" in p]
+    assert [r["id"] for r in responses] == ["call-0", "call-1", "call-2"]
+
+
+def test_three_tool_rounds_through_two_instances_alternating(gemini, start_proxy):
+    first, second = start_proxy(make_config(gemini)), start_proxy(make_config(gemini))
+    run_tool_rounds([first, second], gemini, streamed=False)
+    assert_real_signatures_reached_gemini(gemini)
+
+
+def test_three_tool_rounds_with_a_restart_between_every_round(gemini, start_proxy):
+    history = [{"role": "user", "content": "run three commands"}]
+    for n in range(4):
+        instance = start_proxy(make_config(gemini))  # a fresh process: empty LRU
+        history = run_tool_rounds([instance], gemini, rounds=1, history=history)[:-1] if n < 3 else \
+            run_tool_rounds([instance], gemini, rounds=0, history=history)
+        instance.stop()
+    assert_real_signatures_reached_gemini(gemini)
+    assert len(replayed_calls(gemini.bodies[-1])) == 3
+
+
+def test_instances_with_other_keys_drop_the_carrier_and_use_the_bypass(gemini, start_proxy):
+    mine = start_proxy(make_config(gemini))
+    history = run_tool_rounds([mine], gemini, rounds=1)[:-1]
+    other = start_proxy(make_config(gemini, signature_key=b"another key"))
+    gemini.script = [Reply(chunk(text("ok"), finish="STOP"))]
+    answer = post(other, {"model": "gemini-3.5-flash", "max_tokens": 100, "messages": history, "tools": TOOLS})
+    assert answer.status == 200
+    assert replayed_calls(gemini.bodies[-1])[0]["thoughtSignature"] == cgp.BYPASS_SIGNATURE
+
+
+def test_tampered_carrier_is_dropped_never_forwarded(gemini, proxy):
+    history = run_tool_rounds([proxy], gemini, rounds=1)[:-1]
+    tool = history[1]["content"][-1]
+    token = tool["id"]
+    tampered = token[:30] + ("A" if token[30] != "A" else "B") + token[31:]
+    tool["id"] = tampered
+    history[2]["content"][0]["tool_use_id"] = tampered
+    gemini.script = [Reply(chunk(text("ok"), finish="STOP"))]
+    answer = post(proxy, {"model": "gemini-3.5-flash", "max_tokens": 100, "messages": history, "tools": TOOLS})
+    assert answer.status == 200
+    sent = replayed_calls(gemini.bodies[-1])[0]
+    assert sent["thoughtSignature"] == cgp.BYPASS_SIGNATURE and "id" not in sent["functionCall"]
+
+
+def test_history_from_another_gemini_model_goes_without_its_signatures(gemini, proxy):
+    history = run_tool_rounds([proxy], gemini, rounds=1)[:-1]
+    gemini.script = [Reply(chunk(text("switched"), finish="STOP"))]
+    answer = post(proxy, {"model": "gemini-3.1-pro-preview", "max_tokens": 100, "messages": history, "tools": TOOLS})
+    assert answer.status == 200  # the fake rejects a 3.5-flash signature sent to 3.1-pro
+    assert replayed_calls(gemini.bodies[-1])[0]["thoughtSignature"] == cgp.BYPASS_SIGNATURE
+
+
+def test_claude_signed_thinking_blocks_are_dropped(gemini, proxy):
+    history = [{"role": "user", "content": "hi"},
+               {"role": "assistant", "content": [
+                   {"type": "thinking", "thinking": "Claude thought", "signature": "EqQBCkYIBRgCKkDclaude=="},
+                   {"type": "redacted_thinking", "data": "opaque"},
+                   {"type": "tool_use", "id": "toolu_01Fv7RkX2mQ9wHs4JpT6nLcB", "name": "Bash",
+                    "input": {"command": "ls"}}]},
+               {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_01Fv7RkX2mQ9wHs4JpT6nLcB",
+                                             "content": "a b"}]}]
+    answer = post(proxy, {"model": "gemini-3.5-flash", "max_tokens": 100, "messages": history, "tools": TOOLS,
+                          "thinking": {"type": "adaptive"}})
+    assert answer.status == 200
+    model_turn = gemini.bodies[-1]["contents"][1]
+    assert model_turn["parts"] == [{"functionCall": {"name": "Bash", "args": {"command": "ls"}},
+                                    "thoughtSignature": cgp.BYPASS_SIGNATURE}]
+
+
+def test_thinking_round_trips_with_its_signature(gemini, proxy):
+    signature = new_signature()
+    gemini.script = [Reply(chunk(text("Consider.", thought=True, thoughtSignature=signature)),
+                           chunk(call("Bash", {"command": "ls"}), finish="STOP"))]
+    body = {"model": "gemini-3.5-flash", "max_tokens": 100, "tools": TOOLS, "thinking": {"type": "adaptive"},
+            "messages": [{"role": "user", "content": "go"}]}
+    _, message = stream(proxy, body)
+    assert message["content"][0] == {"type": "thinking", "thinking": "Consider.",
+                                     "signature": message["content"][0]["signature"]}
+    body["messages"] += [{"role": "assistant", "content": message["content"]},
+                         {"role": "user", "content": [{"type": "tool_result",
+                                                       "tool_use_id": message["content"][1]["id"], "content": "x"}]}]
+    assert post(proxy, body).status == 200
+    model_turn = gemini.bodies[-1]["contents"][1]
+    assert model_turn["parts"][0] == {"text": "Consider.", "thought": True, "thoughtSignature": signature}
+    assert model_turn["parts"][1]["thoughtSignature"] in gemini.issued
+
+
+def test_first_call_of_current_turn_without_signature_gets_the_bypass_only_there():
+    request = translate({"messages": [
+        {"role": "user", "content": "old"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_old", "name": "Bash", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_old", "content": "x"}]},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "new task"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_n1", "name": "Bash", "input": {}},
+                                          {"type": "tool_use", "id": "toolu_n2", "name": "Bash", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_n1", "content": "1"},
+                                     {"type": "tool_result", "tool_use_id": "toolu_n2", "content": "2"}]}]})
+    calls = replayed_calls(request.body)
+    assert "thoughtSignature" not in calls[0]  # an earlier turn is not validated
+    assert calls[1]["thoughtSignature"] == cgp.BYPASS_SIGNATURE and "thoughtSignature" not in calls[2]
