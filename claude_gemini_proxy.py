@@ -417,6 +417,11 @@ def decode_carrier(key: bytes, token: str) -> Carried | None:
     return Carried(model, kind, call_id, signature)
 
 
+def text_signature_key(model: str, text: str) -> str:
+    """Return the LRU key of the signature Gemini gave a model's text answer."""
+    return "text:" + hashlib.sha256(f"{model}\0{text}".encode()).hexdigest()
+
+
 class SignatureStore:
     """Thread-safe LRU of verified carriers: token -> Carried, bounded in size and age."""
 
@@ -697,14 +702,16 @@ class _HistoryTranslator:
             kind = block["type"]
             if kind == "text":  # {text}
                 if block.get("text"):
-                    parts.append({"text": block["text"]})
+                    part = {"text": block["text"]}
+                    carried = self.signatures.get(text_signature_key(self.model, block["text"]))
+                    if carried:
+                        part["thoughtSignature"] = carried.signature
+                    parts.append(part)
             elif kind == "thinking":  # {thinking, signature}: only Gemini's own, same model
                 carried = self.signatures.resolve(block.get("signature") or "")
                 if carried and carried.model == self.model and carried.kind == KIND_THOUGHT:
                     parts.append({"text": block.get("thinking") or "", "thought": True,
                                   "thoughtSignature": carried.signature})
-                elif carried and carried.model == self.model and carried.kind == KIND_TEXT:
-                    parts.append({"text": "", "thoughtSignature": carried.signature})
             elif kind == "tool_use":  # {id, name, input}
                 parts.append(self._call_part(block, f"{where}.content.{i}"))
             # redacted_thinking, server_tool_use and server results have no Gemini form
@@ -972,6 +979,7 @@ class ResponseFold:
         self.saw_candidate = False
         self.called_tool = False
         self.search_requests = 0
+        self.text_signature = ""
         self.usage_metadata: dict = {}
         self.done = False  # a stop sequence matched: read no further
 
@@ -1029,6 +1037,7 @@ class ResponseFold:
         if self.stop_reason is None:
             self.stop_reason = self._stop_reason(events)
         self._close(events)
+        self._keep_text_signature()
         delta = {"stop_reason": self.stop_reason, "stop_sequence": self.stop_sequence}
         events.append(("message_delta", {"type": "message_delta", "delta": delta, "usage": self.usage()}))
         events.append(("message_stop", {"type": "message_stop"}))
@@ -1053,6 +1062,14 @@ class ResponseFold:
         if self.finish_reason not in STOP_REASONS:
             raise ProxyError(502, "api_error", f"Gemini stopped with {self.finish_reason}")
         return STOP_REASONS[self.finish_reason]
+
+    def _keep_text_signature(self) -> None:
+        # A text signature has no carrier Claude Code keeps: a block after the text would become
+        # "the reply". Gemini does not validate these, so the LRU keyed by the text is enough.
+        texts = [block["text"] for block in self.blocks if block["type"] == "text"]
+        if self.text_signature and texts:
+            carried = Carried(self.request.model, KIND_TEXT, "", self.text_signature)
+            self.signatures.put(text_signature_key(self.request.model, texts[-1]), carried)
 
     def usage(self) -> dict:
         """Return Anthropic usage from the latest Gemini usageMetadata."""
@@ -1090,9 +1107,8 @@ class ResponseFold:
         elif "text" in part:  # {text, thoughtSignature?}: a trailing empty part may carry one
             if part["text"]:
                 self._text(part["text"], events)
-            if signature and self.request.thinking:
-                self._flush_held(events)
-                self._sign(KIND_TEXT, signature, events)
+            if signature:
+                self.text_signature = signature
 
     def _open(self, kind: str, events: list) -> None:
         if self.open_kind == kind:
@@ -1125,8 +1141,6 @@ class ResponseFold:
 
     def _sign(self, kind: bytes, signature: str, events: list) -> None:
         """Close a thinking block (opened if need be) with a carrier for `signature`."""
-        if kind == KIND_TEXT:  # a text part's signature gets a thinking block of its own
-            self._close(events)
         self._open("thinking", events)
         token = self.signatures.issue(Carried(self.request.model, kind, "", signature))
         self.blocks[-1]["signature"] = token

@@ -1000,14 +1000,16 @@ def test_display_omitted_gives_thinking_blocks_with_signature_and_no_text():
     assert store.resolve(thinking["signature"]).signature == signature
 
 
-def test_signature_on_a_trailing_empty_text_part_is_kept():
-    fold, store = fold_for({"thinking": {"type": "enabled", "budget_tokens": 2000}})
+def test_text_signature_never_becomes_a_block_after_the_text(gemini, proxy):
     signature = new_signature()
-    run_fold(fold, [chunk(text("Answer")), chunk(text("", thoughtSignature=signature), finish="STOP")])
-    content = fold.message()["content"]
-    assert [b["type"] for b in content] == ["text", "thinking"]
-    carried = store.resolve(content[1]["signature"])
-    assert (carried.signature, carried.kind) == (signature, cgp.KIND_TEXT)
+    gemini.script = [Reply(chunk(text("Let me think", thought=True)), chunk(text("Answer")),
+                           chunk(text("", thoughtSignature=signature), finish="STOP"))]
+    body = messages_body(thinking={"type": "adaptive"})
+    _, message = stream(proxy, body)
+    assert [b["type"] for b in message["content"]] == ["thinking", "text"]  # Claude Code shows the last block
+    body["messages"] += [{"role": "assistant", "content": message["content"]}, {"role": "user", "content": "more"}]
+    assert post(proxy, body).status == 200
+    assert gemini.bodies[-1]["contents"][1]["parts"] == [{"text": "Answer", "thoughtSignature": signature}]
 
 
 def test_tool_ids_carry_gemini_call_id_and_signature_and_are_unique():
@@ -1210,6 +1212,9 @@ def test_debug_logs_redact_keys_and_base64(gemini, start_proxy, caplog):
     png = base64.b64encode(b"\x89PNG" * 50).decode()
     post(loud, messages_body([{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}},
                               {"type": "text", "text": "hi"}]), headers={"x-api-key": "tok-123"})
+    deadline = time.monotonic() + 2
+    while "/v1/messages 200" not in "\n".join(r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
+        time.sleep(0.01)  # the access line is written just after the response
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "upstream POST" in logged and "/v1/messages 200" in logged
     assert "AIzaSecretKey" not in logged and "tok-123" not in logged and png[:40] not in logged
