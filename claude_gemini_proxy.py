@@ -2008,6 +2008,9 @@ def serve_until_signal(server: ProxyServer) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    host, port = server.server_address[:2]
+    log.info("listening on http://%s:%d, upstream %s, default model %s", host, port,
+             server.config.api_base, server.config.default_model)
     server.serve_forever(poll_interval=0.25)
     server.socket.close()
     deadline = time.monotonic() + server.config.shutdown_grace
@@ -2033,9 +2036,6 @@ def main(argv: list | None = None) -> int:
     except OSError as exc:
         print(f"claude_gemini_proxy: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
         return 1
-    host, port = server.server_address[:2]
-    log.info("listening on http://%s:%d, upstream %s, default model %s", host, port,
-             config.api_base, config.default_model)
     serve_until_signal(server)
     return 0
 
