@@ -52,6 +52,7 @@ import signal
 import socket
 import socketserver
 import ssl
+import subprocess
 import sys
 import threading
 import time
@@ -100,6 +101,8 @@ class Config:
     ping_interval: float = 15.0  # SSE keep-alive when nothing was written for this long
     client_timeout: float = 300.0  # idle keep-alive clients and slow request bodies
     shutdown_grace: float = 30.0
+    auth_command: str = ""  # prints a bearer token (gcloud auth print-access-token); replaces keys
+    auth_ttl: float = 3000.0  # rerun the command after this many seconds (tokens live an hour)
     https_proxy: str = ""  # egress proxies, read as urllib reads HTTPS_PROXY/HTTP_PROXY/NO_PROXY
     http_proxy: str = ""
     no_proxy: str = ""
@@ -120,6 +123,8 @@ ENV_OPTIONS = (
     ("MAX_RETRY_WAIT", None, "max_retry_wait", float, "longest upstream retry delay honoured"),
     ("MAX_REQUEST_BYTES", None, "max_request_bytes", int, "largest request body accepted"),
     ("SHUTDOWN_GRACE", None, "shutdown_grace", float, "seconds in-flight work gets on SIGTERM"),
+    ("GEMINI_AUTH_COMMAND", None, "auth_command", str, "command printing a bearer token"),
+    ("GEMINI_AUTH_TTL", None, "auth_ttl", float, "seconds before the token command runs again"),
 )
 
 
@@ -162,7 +167,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
               "  GEMINI_API_KEY        required: key, or k1,k2,k3 to spread load"]
     for env, _flag, name, _conv, text in ENV_OPTIONS:
         epilog.append(f"  {env:<21} {text} (default: {getattr(defaults, name)!r})")
-    epilog += ["  MODEL_MAP             glob=model,... checked after the built-in table",
+    epilog += ["  HTTPS_PROXY, HTTP_PROXY, NO_PROXY   egress proxy, as curl and urllib read them",
+               "  SSL_CERT_FILE, SSL_CERT_DIR         CA bundle for a private upstream CA","  MODEL_MAP             glob=model,... checked after the built-in table",
                "  PROXY_SIGNATURE_KEY   HMAC key for signature carriers (default: derived from key)",
                "  DEBUG                 true/1: log each request and upstream call",
                "", "example:  GEMINI_API_KEY=... python3 claude_gemini_proxy.py --port 8318"]
@@ -196,7 +202,9 @@ def read_config(argv: list | None, environ: dict, dotenv_text: str = "") -> Conf
         if raw is not None:
             values[name] = raw
     keys = tuple(k.strip() for k in env.get("GEMINI_API_KEY", "").split(",") if k.strip())
-    if not keys:
+    if values.get("auth_command"):
+        values["auth_type"] = "bearer"
+    elif not keys:
         raise ValueError("GEMINI_API_KEY is not set: run `GEMINI_API_KEY=your-key python3 "
                          "claude_gemini_proxy.py` or put GEMINI_API_KEY=... in .env")
     values["auth_type"] = values.get("auth_type", "").lower()
@@ -209,9 +217,9 @@ def read_config(argv: list | None, environ: dict, dotenv_text: str = "") -> Conf
     signature_secret = env.get("PROXY_SIGNATURE_KEY", "")
     if signature_secret:
         signature_key = hashlib.sha256(signature_secret.encode()).digest()
-    else:
-        signature_key = hmac.new(keys[0].encode(), b"claude_gemini_proxy signatures v1",
-                                 hashlib.sha256).digest()
+    else:  # instances sharing the first key (or token command) agree without configuration
+        seed = keys[0] if keys else values["auth_command"]
+        signature_key = hmac.new(seed.encode(), b"claude_gemini_proxy signatures v1", hashlib.sha256).digest()
     debug = args.debug or env.get("DEBUG", "").lower() in ("1", "true", "yes")
     for name in ("https_proxy", "http_proxy", "no_proxy"):
         values[name] = env.get(name.upper()) or env.get(name) or ""
@@ -1268,12 +1276,122 @@ class KeyRing:
                 return False
             position = self.keys.index(key) + 1
             self.keys.remove(key)
+            if position <= self.turn:  # the key after the dropped one keeps its turn
+                self.turn -= 1
+            self.turn %= len(self.keys)
         log.warning("Gemini rejected API key #%d of the list; it is no longer used", position)
         return True
 
     def resting_count(self) -> int:
         now = self.now()
         return sum(1 for key in self.keys if self.resting.get(key, 0) > now)
+
+
+class TokenCommand:
+    """A bearer token printed by GEMINI_AUTH_COMMAND, rerun after its TTL and after a 401."""
+
+    def __init__(self, command: str, ttl: float, now=time.monotonic):
+        self.command = command
+        self.ttl = ttl
+        self.now = now
+        self.token = ""
+        self.expires = 0.0
+        self.runs = 0
+        self._lock = threading.Lock()
+
+    def get(self) -> str:
+        """Return a current token; while one request refreshes it, the others keep the old one."""
+        if self.now() >= self.expires and self._lock.acquire(blocking=not self.token):
+            try:
+                if self.now() >= self.expires:
+                    self._run()
+            finally:
+                self._lock.release()
+        return self.token
+
+    def refresh(self, rejected: str) -> None:
+        """Run the command again after Gemini rejected `rejected` (once, however many saw it)."""
+        with self._lock:
+            if self.token == rejected:
+                self._run()
+
+    def _run(self) -> None:
+        try:
+            done = subprocess.run(self.command, shell=True, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise ProxyError(502, "api_error", f"GEMINI_AUTH_COMMAND could not run: {exc}")
+        token = done.stdout.strip()
+        if done.returncode or not token:
+            raise ProxyError(502, "api_error", f"GEMINI_AUTH_COMMAND failed (exit {done.returncode})")
+        self.token, self.expires = token, self.now() + self.ttl
+        self.runs += 1
+        log.info("GEMINI_AUTH_COMMAND gave a new token (run %d)", self.runs)
+
+
+class Histogram:
+    """A Prometheus histogram: cumulative bucket counts, sum and count."""
+
+    def __init__(self, buckets: tuple):
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+        self.count += 1
+        self.sum += value
+
+    def render(self, name: str, help_text: str) -> list:
+        lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+        lines += [f'{name}_bucket{{le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)]
+        return lines + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6f}",
+                        f"{name}_count {self.count}"]
+
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class Metrics:
+    """Counters and histograms behind GET /metrics; every update is one short locked step."""
+
+    def __init__(self):
+        self.requests: dict = {}  # (route, status, gemini model) -> count
+        self.tokens = {"input": 0, "output": 0, "cached": 0}
+        self.upstream_seconds = Histogram(LATENCY_BUCKETS)
+        self.first_chunk_seconds = Histogram(LATENCY_BUCKETS)
+        self._lock = threading.Lock()
+
+    def count_request(self, route: str, status: int, model: str, usage: dict | None) -> None:
+        with self._lock:
+            key = (route, status, model)
+            self.requests[key] = self.requests.get(key, 0) + 1
+            if usage:
+                self.tokens["input"] += usage.get("input_tokens", 0)
+                self.tokens["output"] += usage.get("output_tokens", 0)
+                self.tokens["cached"] += usage.get("cache_read_input_tokens", 0)
+
+    def observe(self, histogram: Histogram, seconds: float) -> None:
+        with self._lock:
+            histogram.observe(seconds)
+
+    def render(self, gauges: dict) -> str:
+        """Return the Prometheus text exposition, with `gauges` (name -> (type, help, value))."""
+        prefix = "claude_gemini_proxy_"
+        with self._lock:
+            lines = [f"# HELP {prefix}requests_total Requests by route, status and Gemini model.",
+                     f"# TYPE {prefix}requests_total counter"]
+            for (route, status, model), count in sorted(self.requests.items()):
+                lines.append(f'{prefix}requests_total{{route="{route}",status="{status}",model="{model}"}} {count}')
+            lines += [f"# HELP {prefix}tokens_total Tokens reported by Gemini.", f"# TYPE {prefix}tokens_total counter"]
+            lines += [f'{prefix}tokens_total{{kind="{kind}"}} {n}' for kind, n in self.tokens.items()]
+            lines += self.upstream_seconds.render(prefix + "upstream_seconds", "Time to Gemini's response headers.")
+            lines += self.first_chunk_seconds.render(prefix + "first_chunk_seconds", "Time to Gemini's first chunk.")
+        for name, (kind, help_text, value) in gauges.items():
+            lines += [f"# HELP {prefix}{name} {help_text}", f"# TYPE {prefix}{name} {kind}", f"{prefix}{name} {value}"]
+        return "\n".join(lines) + "\n"
 
 
 def _egress_proxy(config: Config, scheme: str, host: str) -> tuple | None:
@@ -1294,8 +1412,9 @@ class UpstreamClient:
 
     max_idle = 64  # idle connections kept per process
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, metrics: Metrics):
         self.config = config
+        self.metrics = metrics
         base = urllib.parse.urlsplit(config.api_base.rstrip("/"))
         self.https = base.scheme == "https"
         self.host = base.hostname
@@ -1303,7 +1422,8 @@ class UpstreamClient:
         self.base_path = base.path.rstrip("/")
         self.ssl_context = ssl.create_default_context() if self.https else None  # SSL_CERT_FILE/DIR apply
         self.egress = _egress_proxy(config, base.scheme, self.host)
-        self.keys = KeyRing(config.api_keys)
+        self.keys = KeyRing(config.api_keys or ("",))
+        self.token_command = TokenCommand(config.auth_command, config.auth_ttl) if config.auth_command else None
         self.connections_opened = 0
         self.retries = 0
         self._idle: list = []
@@ -1356,7 +1476,7 @@ class UpstreamClient:
         for attempt in (0, 1):
             conn = None
             try:
-                conn, reused = self._checkout()
+                conn, reused = self._checkout() if attempt == 0 else (self._connect(), False)
                 conn.request(method, path, body=payload, headers=headers)
                 return conn, conn.getresponse()
             except socket.timeout:
@@ -1374,23 +1494,32 @@ class UpstreamClient:
     # -- requests ---------------------------------------------------------------
 
     def _auth_headers(self, key: str) -> dict:
+        if self.token_command:
+            return {"Authorization": f"Bearer {self.token_command.get()}"}
         if self.config.auth_type == "bearer":
             return {"Authorization": f"Bearer {key}"}
         return {"x-goog-api-key": key}
 
     def open(self, method: str, path: str, payload: bytes | None = None) -> tuple:
         """Return (connection, response) for a 200 answer; raise ProxyError otherwise."""
-        attempt = 0
+        attempt, token_refreshed = 0, False
         while True:
             key = self.keys.pick()
-            headers = {"content-type": "application/json", **self._auth_headers(key)}
+            auth = self._auth_headers(key)
+            headers = {"content-type": "application/json", **auth}
             started = time.monotonic()
             conn, response = self._send(method, self.base_path + path, payload, headers)
+            elapsed = time.monotonic() - started
+            self.metrics.observe(self.metrics.upstream_seconds, elapsed)
             log.debug("upstream %s %s -> %d after %.0f ms (%d bytes sent)", method, path.split("?")[0],
-                      response.status, (time.monotonic() - started) * 1000, len(payload or b""))
+                      response.status, elapsed * 1000, len(payload or b""))
             if response.status == 200:
                 return conn, response
             error = upstream_error(response.status, self._read_all(conn, response))
+            if response.status == 401 and self.token_command and not token_refreshed:
+                self.token_command.refresh(auth["Authorization"][7:])
+                token_refreshed = True
+                continue
             if error.key_invalid and self.keys.drop(key):
                 continue
             if response.status == 429:
@@ -1630,7 +1759,13 @@ class ModelCatalog:
         gemini, token = [], ""
         for _page in range(100):
             path = "/models?pageSize=1000" + (f"&pageToken={urllib.parse.quote(token)}" if token else "")
-            page = self.upstream.call_json("GET", path)
+            try:
+                page = self.upstream.call_json("GET", path)
+            except ProxyError as error:
+                if getattr(error, "upstream_status", None) != 404:
+                    raise
+                break  # Vertex AI has no model list at this base: offer the table's names
+
             gemini.extend(m for m in page.get("models") or () if isinstance(m, dict)
                           and "generateContent" in (m.get("supportedGenerationMethods") or ()))
             token = page.get("nextPageToken")
@@ -1679,6 +1814,7 @@ ROUTES = {
     "/v1/messages/count_tokens": ("POST", "count_tokens"),
     "/v1/models": ("GET", "list_models"),
     "/health": ("GET", "health"),
+    "/metrics": ("GET", "metrics"),
 }
 
 
@@ -1718,6 +1854,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def handle_request(self, method: str) -> None:
         server = self.server
         self.request_id = "req_" + secrets.token_hex(12)
+        threading.current_thread().name = self.request_id  # every log line of this request shows it
         self.started_at = time.monotonic()
         self.status, self.gemini_model, self.usage = 0, "-", None
         with server.lock:
@@ -1773,6 +1910,20 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def do_health(self, path: str, query: dict) -> None:
         self.send_json(200, {"status": "ok"})
+
+    def do_metrics(self, path: str, query: dict) -> None:
+        server = self.server
+        upstream = server.upstream
+        gauges = {
+            "upstream_retries_total": ("counter", "Upstream calls retried.", upstream.retries),
+            "upstream_connections_opened_total": ("counter", "Upstream connections opened.",
+                                                  upstream.connections_opened),
+            "keys_resting": ("gauge", "Gemini keys resting after a 429.", upstream.keys.resting_count()),
+            "streams_open": ("gauge", "Client streams in flight.", len(server.watch.streams)),
+            "requests_in_flight": ("gauge", "Requests being served.", server.active_requests),
+            "signatures_cached": ("gauge", "Entries in the signature LRU.", len(server.signatures)),
+        }
+        self.send_bytes(200, server.metrics.render(gauges).encode(), "text/plain; version=0.0.4")
 
     def do_list_models(self, path: str, query: dict) -> None:
         self.send_json(200, page_models(self.server.models.models(), query))
@@ -1832,7 +1983,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 stream.upstream = conn
                 try:
                     stream.send([])  # headers and message_start: Gemini accepted the request
+                    asked_at, first = time.monotonic(), True
                     for chunk in upstream.stream_chunks(conn, response):
+                        if first:
+                            self.server.metrics.observe(self.server.metrics.first_chunk_seconds,
+                                                        time.monotonic() - asked_at)
+                            first = False
                         stream.send(fold.feed(chunk))
                         if fold.done:
                             break
@@ -1940,6 +2096,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.send_json(code, ProxyError(code, error_type, message or "bad request").body(self.request_id))
 
     def log_access(self, method: str) -> None:
+        path = self.path.split("?")[0]
+        route = path if path in ROUTES else "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
+        self.server.metrics.count_request(route, self.status, self.gemini_model, self.usage)
         usage = self.usage or {}
         log.info("%s %s %d model=%s in=%s out=%s cached=%s %.0fms %s", method, self.path.split("?")[0],
                  self.status, self.gemini_model, usage.get("input_tokens", "-"),
@@ -1965,7 +2124,8 @@ class ProxyServer(ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         super().__init__((config.host, config.port), ProxyHandler)
         self.config = config
-        self.upstream = UpstreamClient(config)
+        self.metrics = Metrics()
+        self.upstream = UpstreamClient(config, self.metrics)
         self.signatures = SignatureStore(config.signature_key)
         self.watch = StreamWatch(config.ping_interval)
         self.models = ModelCatalog(self.upstream, config)
@@ -2030,12 +2190,18 @@ def main(argv: list | None = None) -> int:
         print(f"claude_gemini_proxy: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.DEBUG if config.debug else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s")
+                        format="%(asctime)s %(levelname)s [%(threadName)s] %(message)s")
     try:
         server = build_server(config)
     except OSError as exc:
         print(f"claude_gemini_proxy: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
         return 1
+    if server.upstream.token_command:
+        try:
+            server.upstream.token_command.get()
+        except ProxyError as error:
+            print(f"claude_gemini_proxy: {error.message}", file=sys.stderr)
+            return 2
     serve_until_signal(server)
     return 0
 

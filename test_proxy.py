@@ -9,6 +9,7 @@ import http.client
 import json
 import os
 import secrets
+import select
 import socket
 import subprocess
 import sys
@@ -1094,13 +1095,6 @@ def test_client_credentials_never_go_upstream_and_key_never_in_url(gemini, proxy
     assert "key" not in path.lower() and path == "/v1beta/models/gemini-3.5-flash:generateContent"
 
 
-def test_bearer_auth_type_sends_authorization(gemini, start_proxy):
-    bearer = start_proxy(make_config(gemini, auth_type="bearer"))
-    post(bearer, messages_body())
-    lower = {k.lower(): v for k, v in gemini.requests[0][2].items()}
-    assert lower["authorization"] == "Bearer test-key" and "x-goog-api-key" not in lower
-
-
 def test_beta_query_is_accepted_and_response_names_the_client_model(gemini, proxy):
     answer = post(proxy, messages_body(), path="/v1/messages?beta=true")
     assert answer.status == 200 and answer.json["model"] == "claude-sonnet-4-5-20250929"
@@ -1498,3 +1492,474 @@ def test_first_call_of_current_turn_without_signature_gets_the_bypass_only_there
     calls = replayed_calls(request.body)
     assert "thoughtSignature" not in calls[0]  # an earlier turn is not validated
     assert calls[1]["thoughtSignature"] == cgp.BYPASS_SIGNATURE and "thoughtSignature" not in calls[2]
+
+
+# == Upstream client =========================================================
+# Pooling, stale connections, CONNECT tunnels, retries, keys and auth headers.
+
+class KeyedGemini(FakeGemini):
+    """FakeGemini that can answer per API key and misbehave per request number (1-based)."""
+
+    def __init__(self):
+        super().__init__()
+        self.key_errors = {}  # api key -> (status, gemini error object), answered every time
+        self.hang_up_after = set()  # answer these requests, then close the connection silently
+        self.drop = set()  # close the connection on these requests without answering
+
+    def respond(self, handler, body):
+        with self.lock:
+            number = len(self.requests)
+        if number in self.drop:
+            handler.close_connection = True
+            return
+        key = handler.headers.get("x-goog-api-key")
+        if key in self.key_errors:
+            status, error = self.key_errors[key]
+            handler.reply(status, {"error": error})
+        else:
+            super().respond(handler, body)
+        if number in self.hang_up_after:
+            # No "Connection: close": the proxy pools the connection and only finds out later.
+            handler.close_connection = True
+
+
+@pytest.fixture
+def keyed():
+    fake = KeyedGemini()
+    yield fake
+    fake.close()
+
+
+def upstream_headers(fake):
+    """Lower-cased headers of each POST the fake received."""
+    return [{k.lower(): v for k, v in r[2].items()} for r in fake.requests if r[0] == "POST"]
+
+
+def used_keys(fake):
+    return [h.get("x-goog-api-key") for h in upstream_headers(fake)]
+
+
+def wait_pool_sees_eof(proxy, count=1):
+    """Wait until `count` pooled upstream sockets have seen the fake close them."""
+    idle = list(proxy.server.upstream._idle)
+    assert len(idle) == count, f"expected {count} pooled connection(s), pool holds {len(idle)}"
+    deadline = time.monotonic() + 3
+    for conn in idle:
+        ready = select.select([conn.sock], [], [], max(0.0, deadline - time.monotonic()))[0]
+        assert ready, "the fake did not close the pooled connection"
+
+
+def retry_info(delay):
+    return [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay}]
+
+
+def quota_error(delay):
+    return gemini_error(429, "Resource has been exhausted", "RESOURCE_EXHAUSTED", retry_info(delay))
+
+
+KEY_INVALID = [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
+                "domain": "googleapis.com"}]
+
+
+class TunnelProxy:
+    """A tiny HTTP proxy that only does CONNECT (to 127.0.0.1) and pipes bytes both ways."""
+
+    def __init__(self):
+        self.connects = []  # (request line, {header: value})
+        self.others = []  # request lines that were not CONNECT
+        self.sockets = []
+        self.lock = threading.Lock()
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, userinfo=""):
+        return f"http://{userinfo}127.0.0.1:{self.port}"
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.sockets.append(client)
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            piece = client.recv(65536)
+            if not piece:
+                client.close()
+                return
+            data += piece
+        head, rest = data.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        method, target = lines[0].split(" ")[:2]
+        if method != "CONNECT":
+            with self.lock:
+                self.others.append(lines[0])
+            client.sendall(b"HTTP/1.1 405 Method Not Allowed\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            client.close()
+            return
+        with self.lock:
+            self.connects.append((lines[0], headers))
+        host, _, port = target.rpartition(":")
+        if host != "127.0.0.1":
+            client.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+            client.close()
+            return
+        upstream = socket.create_connection((host, int(port)))
+        with self.lock:
+            self.sockets.append(upstream)
+        client.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        if rest:
+            upstream.sendall(rest)
+        threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
+        self._pipe(upstream, client)
+
+    @staticmethod
+    def _pipe(source, target):
+        try:
+            while True:
+                piece = source.recv(65536)
+                if not piece:
+                    break
+                target.sendall(piece)
+        except OSError:
+            pass
+        try:
+            target.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def close(self):
+        self.listener.close()
+        with self.lock:
+            for sock in self.sockets:
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+
+
+@pytest.fixture
+def tunnel():
+    server = TunnelProxy()
+    yield server
+    server.close()
+
+
+# == 1. Pool reuse ============================================================
+
+def test_pooled_connection_is_reused_across_requests(gemini, proxy):
+    for i in range(20):
+        answer = post(proxy, messages_body(f"question {i}"))
+        assert answer.status == 200, answer.raw
+        assert answer.json["content"][0]["text"] == "Hello from Gemini."
+    for i in range(5):
+        _, message = stream(proxy, messages_body(f"streamed {i}"))
+        assert message["content"][0]["text"] == "Hello from Gemini."
+    assert len(gemini.bodies) == 25
+    assert gemini.connections == 1
+    assert proxy.server.upstream.connections_opened == 1
+    assert len(proxy.server.upstream._idle) == 1
+
+
+# == 2. Stale pooled connections ==============================================
+
+def test_stale_pooled_connection_is_retried_once_on_a_fresh_one(keyed, start_proxy):
+    proxy = start_proxy(make_config(keyed))
+    keyed.hang_up_after = {1, 2, 3}
+    assert post(proxy, messages_body("one")).status == 200
+    wait_pool_sees_eof(proxy)
+
+    answer = post(proxy, messages_body("two"))  # the pooled connection is dead: a new one serves it
+    assert answer.status == 200, answer.raw
+    assert answer.json["content"][0]["text"] == "Hello from Gemini."
+    assert proxy.server.upstream.connections_opened == 2
+    assert keyed.connections == 2
+    wait_pool_sees_eof(proxy)
+
+    _, message = stream(proxy, messages_body("three"))  # the same holds for a streamed request
+    assert message["content"][0]["text"] == "Hello from Gemini."
+    assert proxy.server.upstream.connections_opened == 3
+    assert len(keyed.bodies) == 3
+    assert proxy.server.upstream.retries == 0  # a stale connection is not an upstream retry
+
+
+def test_stale_connection_whose_fresh_replacement_also_fails_is_502(keyed, start_proxy):
+    proxy = start_proxy(make_config(keyed))
+    keyed.hang_up_after = {1}
+    keyed.drop = {2}
+    assert post(proxy, messages_body("one")).status == 200
+    wait_pool_sees_eof(proxy)
+
+    answer = post(proxy, messages_body("two"))
+    assert answer.status == 502, answer.raw
+    assert answer.json["type"] == "error" and answer.json["error"]["type"] == "api_error"
+    assert len(keyed.bodies) == 2  # the fresh connection reached the fake, which hung up
+    assert proxy.server.upstream.connections_opened == 2  # one replacement, no more
+    assert keyed.connections == 2
+
+    answer = post(proxy, messages_body("three"))  # and the proxy recovers
+    assert answer.status == 200, answer.raw
+
+
+def test_stale_retry_uses_a_fresh_connection_not_another_pooled_one(keyed, start_proxy):
+    """Two idle connections that both went stale (an upstream restart): the retry must not pick
+    the second dead one from the pool."""
+    proxy = start_proxy(make_config(keyed))
+    keyed.hang_up_after = {1, 2}
+    keyed.script = [Reply(chunk(text("slow a"), finish="STOP"), before=0.3),
+                    Reply(chunk(text("slow b"), finish="STOP"), before=0.3)]
+    results = []
+    threads = [threading.Thread(target=lambda i=i: results.append(post(proxy, messages_body(f"p{i}"))))
+               for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [r.status for r in results] == [200, 200]
+    assert proxy.server.upstream.connections_opened == 2
+    wait_pool_sees_eof(proxy, count=2)
+
+    answer = post(proxy, messages_body("after the restart"))
+    assert answer.status == 200, answer.raw
+    assert proxy.server.upstream.connections_opened == 3
+
+
+# == 3. CONNECT tunnelling through an egress proxy ============================
+
+def test_http_proxy_tunnels_with_connect_and_pools_the_tunnel(gemini, tunnel, start_proxy):
+    proxy = start_proxy(make_config(gemini, http_proxy=tunnel.url()))
+    fake_port = gemini.server.server_address[1]
+    for i in range(2):
+        answer = post(proxy, messages_body(f"via tunnel {i}"))
+        assert answer.status == 200, answer.raw
+        assert answer.json["content"][0]["text"] == "Hello from Gemini."
+    assert [line.split()[:2] for line, _ in tunnel.connects] == [["CONNECT", f"127.0.0.1:{fake_port}"]]
+    assert "proxy-authorization" not in tunnel.connects[0][1]
+    assert tunnel.others == []
+    assert len(gemini.bodies) == 2
+    assert gemini.connections == 1  # one tunnel, reused
+    assert proxy.server.upstream.connections_opened == 1
+    paths = [r[1] for r in gemini.requests]
+    assert all(p.startswith("/v1beta/models/") for p in paths), paths
+
+
+def test_http_proxy_credentials_become_proxy_authorization(gemini, tunnel, start_proxy):
+    proxy = start_proxy(make_config(gemini, http_proxy=tunnel.url("user:p%40ss@")))
+    answer = post(proxy, messages_body())
+    assert answer.status == 200, answer.raw
+    assert len(tunnel.connects) == 1
+    expected = "Basic " + base64.b64encode(b"user:p@ss").decode()
+    assert tunnel.connects[0][1].get("proxy-authorization") == expected
+    # the credentials are for the tunnel only: Gemini never sees them
+    sent = upstream_headers(gemini)[0]
+    assert "proxy-authorization" not in sent
+    assert "p@ss" not in json.dumps(sent) and "p%40ss" not in json.dumps(sent)
+
+
+def test_no_proxy_host_goes_direct(gemini, tunnel, start_proxy):
+    proxy = start_proxy(make_config(gemini, http_proxy=tunnel.url(), no_proxy="127.0.0.1"))
+    answer = post(proxy, messages_body())
+    assert answer.status == 200, answer.raw
+    assert tunnel.connects == [] and tunnel.others == []
+    assert len(gemini.bodies) == 1 and gemini.connections == 1
+
+
+def test_https_proxy_is_not_used_for_an_http_api_base(gemini, tunnel, start_proxy):
+    proxy = start_proxy(make_config(gemini, https_proxy=tunnel.url()))
+    assert post(proxy, messages_body()).status == 200
+    assert tunnel.connects == [] and tunnel.others == []
+    assert len(gemini.bodies) == 1
+
+
+# == 4. Retries ===============================================================
+
+def test_503_then_200_is_retried_and_answered(gemini, start_proxy):
+    proxy = start_proxy(make_config(gemini, max_retries=2))
+    gemini.script = [Reply(status=503, error=gemini_error(503, "overloaded", "UNAVAILABLE")),
+                     Reply(chunk(text("second try"), finish="STOP"))]
+    answer = post(proxy, messages_body())
+    assert answer.status == 200, answer.raw
+    assert answer.json["content"][0]["text"] == "second try"
+    assert len(gemini.bodies) == 2
+    assert proxy.server.upstream.retries == 1
+
+
+def test_429_with_short_retry_delay_waits_and_retries(gemini, start_proxy):
+    proxy = start_proxy(make_config(gemini, max_retries=2))
+    gemini.script = [Reply(status=429, error=quota_error("0.05s")),
+                     Reply(chunk(text("after the wait"), finish="STOP"))]
+    started = time.monotonic()
+    answer = post(proxy, messages_body())
+    elapsed = time.monotonic() - started
+    assert answer.status == 200, answer.raw
+    assert answer.json["content"][0]["text"] == "after the wait"
+    assert len(gemini.bodies) == 2
+    assert proxy.server.upstream.retries == 1
+    assert elapsed >= 0.05
+
+
+def test_429_with_retry_delay_past_max_retry_wait_is_answered_at_once(gemini, start_proxy):
+    proxy = start_proxy(make_config(gemini, max_retries=2, max_retry_wait=30))
+    gemini.script = [Reply(status=429, error=quota_error("120s")),
+                     Reply(chunk(text("must not be asked for"), finish="STOP"))]
+    started = time.monotonic()
+    answer = post(proxy, messages_body())
+    elapsed = time.monotonic() - started
+    assert answer.status == 429, answer.raw
+    assert answer.json["error"]["type"] == "rate_limit_error"
+    assert answer.headers["retry-after"] == "120"
+    assert len(gemini.bodies) == 1
+    assert proxy.server.upstream.retries == 0
+    assert elapsed < 1.0
+
+
+def test_retries_stop_after_max_retries_with_529(gemini, start_proxy):
+    proxy = start_proxy(make_config(gemini, max_retries=2))
+    overloaded = Reply(status=503, error=gemini_error(503, "The model is overloaded.", "UNAVAILABLE"))
+    gemini.script = [overloaded, overloaded, overloaded, Reply(chunk(text("fourth"), finish="STOP"))]
+    answer = post(proxy, messages_body())
+    assert answer.status == 529, answer.raw
+    assert answer.json["error"]["type"] == "overloaded_error"
+    assert len(gemini.bodies) == 3
+    assert proxy.server.upstream.retries == 2
+
+
+def test_400_is_never_retried(gemini, start_proxy):
+    proxy = start_proxy(make_config(gemini, max_retries=2))
+    gemini.script = [Reply(status=400, error=gemini_error(400, "bad field")),
+                     Reply(chunk(text("must not be asked for"), finish="STOP"))]
+    answer = post(proxy, messages_body())
+    assert answer.status == 400, answer.raw
+    assert answer.json["error"]["type"] == "invalid_request_error"
+    assert answer.headers.get("x-should-retry") == "false"
+    assert len(gemini.bodies) == 1
+    assert proxy.server.upstream.retries == 0
+
+
+def test_nothing_is_retried_once_a_stream_sent_data(gemini, start_proxy):
+    proxy = start_proxy(make_config(gemini, max_retries=2))
+    gemini.script = [Reply(chunk(text("partial answer")),
+                           {"error": {"code": 503, "message": "The model is overloaded.", "status": "UNAVAILABLE"}}),
+                     Reply(chunk(text("a retry would say this"), finish="STOP"))]
+    answer = post(proxy, dict(messages_body(), stream=True))
+    assert answer.status == 200
+    events, message = read_sse(answer.raw)
+    assert message is None  # the stream ended with an error event
+    deltas = [e["delta"]["text"] for e in events if e["type"] == "content_block_delta"]
+    assert "".join(deltas) == "partial answer"
+    assert events[-1]["type"] == "error"
+    assert events[-1]["error"]["type"] == "overloaded_error"
+    assert b"a retry would say this" not in answer.raw
+    assert len(gemini.bodies) == 1
+    assert proxy.server.upstream.retries == 0
+
+
+# == 5. Key rotation ==========================================================
+
+def test_keys_are_used_in_turn(keyed, start_proxy):
+    proxy = start_proxy(make_config(keyed, api_keys=("k1", "k2", "k3")))
+    for i in range(6):
+        assert post(proxy, messages_body(f"q{i}")).status == 200
+    assert used_keys(keyed) == ["k1", "k2", "k3", "k1", "k2", "k3"]
+
+
+def test_rate_limited_key_rests_while_the_others_serve(keyed, start_proxy):
+    proxy = start_proxy(make_config(keyed, api_keys=("k1", "k2", "k3"), max_retries=2))
+    keyed.key_errors["k2"] = (429, quota_error("60s"))
+    started = time.monotonic()
+    statuses = [post(proxy, messages_body(f"q{i}")).status for i in range(6)]
+    assert statuses == [200] * 6
+    keys = used_keys(keyed)
+    assert keys.count("k2") == 1  # met once, then resting
+    # the request that met k2 went on with k3 at once; then k1 and k3 take turns
+    assert keys == ["k1", "k2", "k3", "k1", "k3", "k1", "k3"]
+    assert time.monotonic() - started < 2  # no waiting for the 60 s
+
+
+def test_invalid_key_is_dropped_and_never_sent_again(keyed, start_proxy):
+    proxy = start_proxy(make_config(keyed, api_keys=("k1", "k2", "k3")))
+    keyed.key_errors["k2"] = (400, gemini_error(400, "API key not valid. Please pass a valid API key.",
+                                                details=KEY_INVALID))
+    statuses = [post(proxy, messages_body(f"q{i}")).status for i in range(6)]
+    assert statuses == [200] * 6
+    keys = used_keys(keyed)
+    assert keys[:2] == ["k1", "k2"]
+    assert keys.count("k2") == 1
+    assert keys[2] in ("k1", "k3")  # the request that met k2 was answered with a valid key
+    assert len(keys) == 7
+    assert proxy.server.upstream.keys.keys == ["k1", "k3"]
+
+
+def test_dropped_key_hands_its_turn_to_the_next_key(keyed, start_proxy):
+    """After k2 is dropped the rotation goes on k3, k1, k3, ... not k1 twice in a row."""
+    proxy = start_proxy(make_config(keyed, api_keys=("k1", "k2", "k3")))
+    keyed.key_errors["k2"] = (400, gemini_error(400, "API key not valid. Please pass a valid API key.",
+                                                details=KEY_INVALID))
+    for i in range(4):
+        assert post(proxy, messages_body(f"q{i}")).status == 200
+    assert used_keys(keyed) == ["k1", "k2", "k3", "k1", "k3"]
+
+
+# == 6. Upstream auth headers =================================================
+
+CLIENT_HEADERS = {"x-api-key": "client-secret-key", "authorization": "Bearer client-secret-token",
+                  "anthropic-version": "2023-06-01", "anthropic-beta": "interleaved-thinking-2025-05-14",
+                  "anthropic-dangerous-direct-browser-access": "true"}
+
+
+def exercise(proxy):
+    """A non-stream, a streamed and a count_tokens request, all with the client's own headers."""
+    assert post(proxy, messages_body(), headers=CLIENT_HEADERS).status == 200
+    answer = post(proxy, dict(messages_body(), stream=True), headers=CLIENT_HEADERS)
+    assert answer.status == 200 and read_sse(answer.raw)[1] is not None
+    answer = post(proxy, messages_body(), path="/v1/messages/count_tokens", headers=CLIENT_HEADERS)
+    assert answer.status == 200, answer.raw
+
+
+def assert_client_headers_not_forwarded(fake, key):
+    assert len(fake.requests) == 3
+    for method, path, headers, _ in fake.requests:
+        assert key not in path and "key=" not in path, path
+        lower = {k.lower(): v for k, v in headers.items()}
+        assert "x-api-key" not in lower
+        assert not [name for name in lower if name.startswith("anthropic")], lower
+        values = json.dumps(lower)
+        assert "client-secret" not in values
+
+
+def test_default_auth_sends_x_goog_api_key_only(gemini, start_proxy):
+    key = "AIzaSy-default-secret"
+    proxy = start_proxy(make_config(gemini, api_keys=(key,)))
+    exercise(proxy)
+    for headers in upstream_headers(gemini):
+        assert headers.get("x-goog-api-key") == key
+        assert "authorization" not in headers
+    assert_client_headers_not_forwarded(gemini, key)
+
+
+def test_bearer_auth_sends_authorization_only(gemini, start_proxy):
+    key = "ya29.bearer-secret"
+    proxy = start_proxy(make_config(gemini, api_keys=(key,), auth_type="bearer"))
+    exercise(proxy)
+    for headers in upstream_headers(gemini):
+        assert headers.get("authorization") == f"Bearer {key}"
+        assert "x-goog-api-key" not in headers
+    assert_client_headers_not_forwarded(gemini, key)
+
+
+def test_bearer_auth_type_is_read_from_the_environment():
+    config = cgp.read_config([], {"GEMINI_API_KEY": "k", "GEMINI_AUTH_TYPE": "bearer"})
+    assert config.auth_type == "bearer"
+    assert cgp.UpstreamClient(config, cgp.Metrics())._auth_headers("k") == {"Authorization": "Bearer k"}
