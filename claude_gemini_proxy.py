@@ -1075,9 +1075,10 @@ class ResponseFold:
         # A text signature has no carrier Claude Code keeps: a block after the text would become
         # "the reply". Gemini does not validate these, so the LRU keyed by the text is enough.
         texts = [block["text"] for block in self.blocks if block["type"] == "text"]
-        if self.text_signature and texts:
-            carried = Carried(self.request.model, KIND_TEXT, "", self.text_signature)
-            self.signatures.put(text_signature_key(self.request.model, texts[-1]), carried)
+        if self.text_signature and texts:  # the first answer with this text keeps its signature,
+            key = text_signature_key(self.request.model, texts[-1])  # so the replayed prefix stays
+            if self.signatures.get(key) is None:  # byte-stable for Gemini's implicit cache
+                self.signatures.put(key, Carried(self.request.model, KIND_TEXT, "", self.text_signature))
 
     def usage(self) -> dict:
         """Return Anthropic usage from the latest Gemini usageMetadata."""

@@ -1963,3 +1963,210 @@ def test_bearer_auth_type_is_read_from_the_environment():
     config = cgp.read_config([], {"GEMINI_API_KEY": "k", "GEMINI_AUTH_TYPE": "bearer"})
     assert config.auth_type == "bearer"
     assert cgp.UpstreamClient(config, cgp.Metrics())._auth_headers("k") == {"Authorization": "Bearer k"}
+
+
+# == Operators: metrics, token command, request ids ==========================
+
+def test_metrics_count_a_known_mix_of_requests(gemini, proxy):
+    usage = {"promptTokenCount": 50, "cachedContentTokenCount": 20, "candidatesTokenCount": 7}
+    gemini.script = [Reply(chunk(text("a"), finish="STOP", usage=usage)),
+                     Reply(chunk(text("b"), finish="STOP", usage=usage)),
+                     Reply(status=503, error=gemini_error(503, "busy", "UNAVAILABLE"))]
+    post(proxy, messages_body())
+    stream(proxy, messages_body())
+    post(proxy, messages_body())
+    request(proxy, "GET", "/v1/nothing")
+    body = request(proxy, "GET", "/metrics").raw.decode()
+    lines = set(body.splitlines())
+    assert 'claude_gemini_proxy_requests_total{route="/v1/messages",status="200",model="gemini-3.5-flash"} 2' in lines
+    assert 'claude_gemini_proxy_requests_total{route="/v1/messages",status="529",model="gemini-3.5-flash"} 1' in lines
+    assert 'claude_gemini_proxy_requests_total{route="other",status="404",model="-"} 1' in lines
+    assert 'claude_gemini_proxy_tokens_total{kind="input"} 60' in lines
+    assert 'claude_gemini_proxy_tokens_total{kind="cached"} 40' in lines
+    assert 'claude_gemini_proxy_tokens_total{kind="output"} 14' in lines
+    assert "claude_gemini_proxy_upstream_seconds_count 3" in lines
+    assert "claude_gemini_proxy_first_chunk_seconds_count 1" in lines
+    assert "claude_gemini_proxy_streams_open 0" in lines and "claude_gemini_proxy_keys_resting 0" in lines
+
+
+def test_metrics_need_the_proxy_token(gemini, start_proxy):
+    guarded = start_proxy(make_config(gemini, proxy_auth_token="s3cret"))
+    assert request(guarded, "GET", "/metrics").status == 401
+    assert request(guarded, "GET", "/metrics", headers={"x-api-key": "s3cret"}).status == 200
+
+
+def token_command(tmp_path):
+    counter = tmp_path / "runs"
+    return (f"n=$(cat {counter} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {counter}; echo token-$n")
+
+
+def bearer_tokens(gemini):
+    return [{k.lower(): v for k, v in r[2].items()}.get("authorization") for r in gemini.requests]
+
+
+def test_token_command_runs_again_after_its_ttl(gemini, start_proxy, tmp_path):
+    proxy = start_proxy(make_config(gemini, api_keys=(), auth_command=token_command(tmp_path), auth_ttl=0.3))
+    post(proxy, messages_body())
+    post(proxy, messages_body())
+    time.sleep(0.35)
+    post(proxy, messages_body())
+    assert bearer_tokens(gemini) == ["Bearer token-1", "Bearer token-1", "Bearer token-2"]
+
+
+def test_token_command_runs_again_after_a_401_and_the_request_is_retried(gemini, start_proxy, tmp_path):
+    proxy = start_proxy(make_config(gemini, api_keys=(), auth_command=token_command(tmp_path)))
+    gemini.script = [Reply(status=401, error=gemini_error(401, "token expired", "UNAUTHENTICATED"))]
+    answer = post(proxy, messages_body())
+    assert answer.status == 200
+    assert bearer_tokens(gemini) == ["Bearer token-1", "Bearer token-2"]
+
+
+def test_token_command_makes_the_api_key_optional():
+    config = cgp.read_config([], {"GEMINI_AUTH_COMMAND": "gcloud auth print-access-token"})
+    assert config.auth_type == "bearer" and config.api_keys == () and config.signature_key
+
+
+def test_request_id_matches_header_error_body_and_log_line(gemini, proxy, caplog):
+    caplog.set_level("DEBUG", logger="claude_gemini_proxy")
+    gemini.script = [Reply(status=400, error=gemini_error(400, "bad thing"))]
+    answer = post(proxy, messages_body())
+    request_id = answer.headers["request-id"]
+    assert answer.json["request_id"] == request_id and request_id.startswith("req_")
+    deadline = time.monotonic() + 2
+    while not any(request_id in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert any(r.threadName == request_id and "upstream POST" in r.getMessage() for r in caplog.records)
+    assert any(request_id in r.getMessage() and " 400 " in r.getMessage() for r in caplog.records)
+
+
+# == Main: process life =======================================================
+
+def start_process(gemini, tmp_path, **env):
+    environment = dict(os.environ, GEMINI_API_KEY="test-key", GEMINI_API_BASE=gemini.base, PORT="0", **env)
+    log_path = tmp_path / "proxy.log"
+    with open(log_path, "w") as log_file:  # a file, not a pipe: a full pipe would stall the proxy
+        child = subprocess.Popen([sys.executable, os.path.join(HERE, "claude_gemini_proxy.py")], cwd=tmp_path,
+                                 env=environment, stderr=log_file)
+    deadline = time.monotonic() + 10
+    while "listening on" not in log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    port = int(log_path.read_text().split("listening on http://127.0.0.1:")[1].split(",")[0])
+    return child, port
+
+
+def test_sigterm_lets_a_stream_in_flight_finish_and_refuses_new_connections(gemini, tmp_path):
+    child, port = start_process(gemini, tmp_path, SHUTDOWN_GRACE="10")
+    gemini.script = [Reply(*[chunk(text(f"{i} ")) for i in range(6)], chunk(finish="STOP"), pause=0.15)]
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("POST", "/v1/messages", body=json.dumps(dict(messages_body(), stream=True)),
+                 headers={"content-type": "application/json"})
+    response = conn.getresponse()
+    first = response.readline()
+    child.send_signal(15)
+    time.sleep(0.3)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    _, message = read_sse(first + response.read())
+    assert message["content"][0]["text"] == "0 1 2 3 4 5 " and message["stop_reason"] == "end_turn"
+    assert child.wait(timeout=10) == 0
+
+
+def test_started_and_listening_quickly(gemini, tmp_path):
+    started = time.monotonic()
+    child, port = start_process(gemini, tmp_path)
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.request("GET", "/health")
+        assert conn.getresponse().status == 200
+        assert time.monotonic() - started < 2.0
+    finally:
+        child.terminate()
+        child.wait(timeout=10)
+
+
+def rss_kb(pid):
+    with open(f"/proc/{pid}/status") as status:
+        return int(next(line for line in status if line.startswith("VmRSS")).split()[1])
+
+
+class CannedGemini:
+    """A minimal upstream for load: canned answers, no validation, so the proxy is the bottleneck."""
+
+    def __init__(self):
+        answer = json.dumps(chunk(text("ok"), finish="STOP")).encode()
+        frames = b"data: " + answer + b"\r\n\r\n"
+        self.plain = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+            len(answer), answer)
+        self.sse = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nContent-Length: %d\r\n\r\n%s" % (
+            len(frames), frames)
+        self.listener = socket.create_server(("127.0.0.1", 0), backlog=256)
+        self.base = f"http://127.0.0.1:{self.listener.getsockname()[1]}/v1beta"
+        threading.Thread(target=self.accept, daemon=True).start()
+
+    def accept(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+
+    def serve(self, conn):
+        reader = conn.makefile("rb")
+        try:
+            while True:
+                request_line = reader.readline()
+                if not request_line:
+                    return
+                length = 0
+                for line in iter(reader.readline, b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                reader.read(length)
+                conn.sendall(self.sse if b"alt=sse" in request_line else self.plain)
+        except OSError:
+            return
+        finally:
+            conn.close()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc to read RSS")
+def test_soak_of_mixed_requests_keeps_memory_flat(tmp_path):
+    upstream = CannedGemini()
+    child, port = start_process(upstream, tmp_path)
+    body = json.dumps(messages_body()).encode()
+    streamed = json.dumps(dict(messages_body(), stream=True)).encode()
+
+    def worker(count):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        for i in range(count):
+            kind = i % 10
+            if kind == 9:  # a client that leaves mid-request
+                with socket.create_connection(("127.0.0.1", port)) as sock:
+                    sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                                 % (len(streamed), streamed))
+                continue
+            payload = b'{"model": ' if kind == 8 else streamed if kind % 3 == 0 else body
+            conn.request("POST", "/v1/messages", body=payload, headers={"content-type": "application/json"})
+            response = conn.getresponse()
+            response.read()
+            assert response.status == (400 if kind == 8 else 200)
+        conn.close()
+
+    def run(total):
+        threads = [threading.Thread(target=worker, args=(total // 4,)) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    try:
+        run(2000)  # warm up: pools, caches and allocator arenas reach their working size
+        before = rss_kb(child.pid)
+        run(10000)
+        after = rss_kb(child.pid)
+    finally:
+        child.terminate()
+        child.wait(timeout=10)
+        upstream.listener.close()
+    assert after - before < 5 * 1024, (before, after)
