@@ -2170,3 +2170,184 @@ def test_soak_of_mixed_requests_keeps_memory_flat(tmp_path):
         child.wait(timeout=10)
         upstream.listener.close()
     assert after - before < 5 * 1024, (before, after)
+
+
+# == Claude Code on Gemini ===================================================
+# Requests below are trimmed captures of what Claude Code 2.1.331 sent through this proxy.
+
+CC_SYSTEM = [
+    {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.331.628; cc_entrypoint=sdk-cli;"},
+    {"type": "text", "text": "You are a Claude agent, built on Anthropic's Claude Agent SDK.",
+     "cache_control": {"type": "ephemeral"}},
+    {"type": "text", "text": "\nYou are an agent working with the user toward their goals, using your own judgment "
+                             "along the way.\n", "cache_control": {"type": "ephemeral"}}]
+CC_TOOLS = [
+    {"name": "Bash", "description": "Executes a bash command and returns its output.", "input_schema": {
+        "$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "properties": {
+            "command": {"description": "The command to execute", "type": "string"},
+            "timeout": {"description": "Optional timeout in milliseconds", "type": "number"}},
+        "required": ["command"], "additionalProperties": False}},
+    {"name": "ToolSearch", "description": "Fetches full schema definitions for deferred tools.", "input_schema": {
+        "$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "properties": {
+            "query": {"description": "Use \"select:<tool_name>\" for direct selection", "type": "string"},
+            "max_results": {"description": "Maximum number of results", "default": 5, "type": "number"}},
+        "required": ["query", "max_results"], "additionalProperties": False}},
+    {"name": "DeferredToolPlaceholder", "description": "placeholder", "defer_loading": True,
+     "input_schema": {"type": "object", "properties": {}}},
+]
+CC_WEBFETCH = {"name": "WebFetch", "defer_loading": True, "description": "Fetches a URL.", "input_schema": {
+    "$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "properties": {
+        "url": {"description": "The URL to fetch content from", "type": "string", "format": "uri"},
+        "prompt": {"description": "The prompt to run on the fetched content", "type": "string"},
+        "offset": {"type": "integer", "minimum": 0, "maximum": 9007199254740991}},
+    "required": ["url", "prompt"], "additionalProperties": False}}
+CC_HEADERS = {"anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14,context-management-2025-06-27,"
+                                "advanced-tool-use-2025-11-20,effort-2025-11-24", "anthropic-version": "2023-06-01",
+              "x-api-key": "sk-test", "user-agent": "claude-cli/2.1.331 (external, sdk-cli)", "x-app": "cli"}
+CC_PATH = "/v1/messages?beta=true"
+
+
+def claude_code_request(messages, tools=None, billing="628"):
+    system = [dict(CC_SYSTEM[0], text=f"x-anthropic-billing-header: cc_version=2.1.331.{billing}; "
+                                         "cc_entrypoint=sdk-cli;")] + CC_SYSTEM[1:]
+    return {"model": "gemini-3.5-flash", "max_tokens": 32000, "stream": True, "system": system,
+            "tools": tools or CC_TOOLS, "messages": messages,
+            "thinking": {"type": "adaptive", "display": "omitted"}, "output_config": {"effort": "high"},
+            "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+            "metadata": {"user_id": "{\"device_id\":\"8665b3\",\"account_uuid\":\"\",\"session_id\":\"698fda1f\"}"}}
+
+
+CC_FIRST_MESSAGES = [
+    {"role": "user", "content": [
+        {"type": "text", "text": "<system-reminder>\nAttribution for git commits...\n</system-reminder>"},
+        {"type": "text", "text": "please use toolsearch to load WebFetch, then fetch https://example.com",
+         "cache_control": {"type": "ephemeral"}}]},
+    {"role": "system", "content": [{"type": "text", "text": "# Environment\nYou have been invoked in the following "
+                                                            "environment: \n - Platform: linux",
+                                    "cache_control": {"type": "ephemeral"}}]}]
+
+
+def cc_stream(proxy, body):
+    answer = post(proxy, body, path=CC_PATH, headers=CC_HEADERS)
+    assert answer.status == 200, answer.raw
+    return read_sse(answer.raw)
+
+
+def declared(body):
+    return [d["name"] for t in body.get("tools") or () for d in t.get("functionDeclarations") or ()]
+
+
+def test_claude_code_main_request_reaches_gemini_cleanly(gemini, proxy):
+    events, message = cc_stream(proxy, claude_code_request(CC_FIRST_MESSAGES))
+    sent = gemini.bodies[0]
+    assert declared(sent) == ["Bash", "ToolSearch"]  # deferred tools wait for a tool_reference
+    assert [p["text"] for p in sent["systemInstruction"]["parts"]] == [
+        CC_SYSTEM[1]["text"], CC_SYSTEM[2]["text"], CC_FIRST_MESSAGES[1]["content"][0]["text"]]
+    assert "billing-header" not in json.dumps(sent) and "cache_control" not in json.dumps(sent)
+    assert "device_id" not in json.dumps(sent) and "clear_thinking" not in json.dumps(sent)
+    assert sent["generationConfig"]["thinkingConfig"] == {"thinkingLevel": "HIGH", "includeThoughts": True}
+    assert sent["generationConfig"]["maxOutputTokens"] == 32000
+    assert "$schema" not in json.dumps(sent["tools"]) and '"additionalProperties": false' in json.dumps(sent["tools"])
+    assert events[0]["message"]["usage"]["input_tokens"] > 0  # Claude Code sizes compaction from it
+    assert message["usage"]["input_tokens"] == 10
+
+
+def test_tool_search_round_loads_and_calls_a_deferred_tool(gemini, proxy):
+    gemini.script = [Reply(chunk(call("ToolSearch", {"query": "select:WebFetch", "max_results": 5}, call_id="ts1"),
+                                 finish="STOP"))]
+    _, first = cc_stream(proxy, claude_code_request(CC_FIRST_MESSAGES))
+    search = first["content"][-1]
+    assert search["name"] == "ToolSearch" and first["stop_reason"] == "tool_use"
+    followup = CC_FIRST_MESSAGES + [
+        {"role": "assistant", "content": first["content"]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": search["id"], "cache_control": {
+            "type": "ephemeral"}, "content": [{"type": "tool_reference", "tool_name": "WebFetch"}]}]}]
+    gemini.script = [Reply(chunk(call("WebFetch", {"url": "https://example.com", "prompt": "summarize"}),
+                                 finish="STOP"))]
+    _, second = cc_stream(proxy, claude_code_request(followup, tools=CC_TOOLS[:2] + [CC_WEBFETCH] + CC_TOOLS[2:]))
+    sent = gemini.bodies[-1]
+    assert declared(sent) == ["Bash", "ToolSearch", "WebFetch"]
+    response = sent["contents"][-1]["parts"][0]["functionResponse"]
+    assert response["name"] == "ToolSearch" and response["id"] == "ts1"
+    assert response["response"] == {"result": "Tool WebFetch is now available to call."}
+    assert second["content"][-1]["name"] == "WebFetch"
+    assert second["content"][-1]["input"] == {"url": "https://example.com", "prompt": "summarize"}
+
+
+CC_WEB_SEARCH = {"model": "gemini-3.5-flash", "max_tokens": 32000, "stream": True,
+                 "system": [{"type": "text", "text": "You are an assistant for performing a web search tool use"}],
+                 "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 8}],
+                 "tool_choice": {"type": "auto"}, "output_config": {"effort": "high"},
+                 "messages": [{"role": "user", "content": [
+                     {"type": "text", "text": "Perform a web search for the query: capital of France"}]}]}
+
+
+def test_web_search_is_answered_by_google_search_in_stream_form(gemini, proxy):
+    grounding = {"webSearchQueries": ["capital of France"], "groundingChunks": [
+        {"web": {"uri": "https://example.com/paris", "title": "Paris - Example"}},
+        {"web": {"uri": "https://example.org/fr", "title": "France"}}]}
+    gemini.script = [Reply(chunk(text("Paris is the capital of France.")),
+                           chunk(text(""), finish="STOP", grounding=grounding))]
+    _, message = cc_stream(proxy, CC_WEB_SEARCH)
+    sent_method, sent_path = gemini.requests[0][:2]
+    assert sent_path.endswith(":generateContent") and gemini.bodies[0]["tools"] == [{"googleSearch": {}}]
+    assert "toolConfig" not in gemini.bodies[0]
+    assert [b["type"] for b in message["content"]] == ["server_tool_use", "web_search_tool_result", "text"]
+    assert message["content"][0]["input"] == {"query": "capital of France"}
+    assert [r["url"] for r in message["content"][1]["content"]] == ["https://example.com/paris", "https://example.org/fr"]
+    assert message["content"][2]["text"] == "Paris is the capital of France."
+    assert message["usage"]["server_tool_use"] == {"web_search_requests": 1}
+
+
+def test_web_search_domain_filters_reach_the_prompt_and_forced_choice_is_no_400(gemini, proxy):
+    body = dict(CC_WEB_SEARCH, stream=False, tool_choice={"type": "tool", "name": "web_search"},
+                tools=[{"type": "web_search_20250305", "name": "web_search", "allowed_domains": ["python.org"],
+                        "blocked_domains": ["spam.example"]}, CC_TOOLS[0]])
+    answer = post(proxy, body, path=CC_PATH)
+    assert answer.status == 200
+    sent = gemini.bodies[0]
+    assert sent["tools"] == [{"googleSearch": {}}]
+    prompt = sent["systemInstruction"]["parts"][-1]["text"]
+    assert "python.org" in prompt and "spam.example" in prompt
+
+
+def test_structured_output_request_of_claude_code_gets_json_text(gemini, proxy):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "reason": {"type": "string"}},
+              "required": ["ok", "reason"], "additionalProperties": False}
+    gemini.script = [Reply(chunk(text('{"ok": true, "reason": "done"}'), finish="STOP"))]
+    body = {"model": "gemini-3.5-flash", "max_tokens": 32000, "stream": True, "tools": [],
+            "output_config": {"effort": "high", "format": {"type": "json_schema", "schema": schema}},
+            "messages": [{"role": "user", "content": "Has the stopping condition been satisfied?"}]}
+    _, message = cc_stream(proxy, body)
+    assert json.loads(message["content"][0]["text"]) == {"ok": True, "reason": "done"}
+    generation = gemini.bodies[0]["generationConfig"]
+    assert generation["responseMimeType"] == "application/json" and generation["responseJsonSchema"] == schema
+    assert "tools" not in gemini.bodies[0] and "toolConfig" not in gemini.bodies[0]
+
+
+def test_count_tokens_as_claude_code_calls_it(gemini, proxy):
+    body = {"model": "gemini-3.5-flash", "messages": [{"role": "user", "content": "foo"}], "tools": CC_TOOLS,
+            "thinking": {"type": "adaptive"}}
+    answer = post(proxy, body, path="/v1/messages/count_tokens?beta=true",
+                  headers=dict(CC_HEADERS, **{"anthropic-beta": "token-counting-2024-11-01"}))
+    assert answer.status == 200 and answer.json["input_tokens"] == len(json.dumps(gemini.bodies[0])) // 4
+    assert declared(gemini.bodies[0]["generateContentRequest"]) == ["Bash", "ToolSearch"]
+
+
+def test_prompt_prefix_is_byte_stable_from_turn_to_turn(gemini, proxy):
+    messages = list(CC_FIRST_MESSAGES)
+    raw_bodies = []
+    for turn in range(3):
+        gemini.script = [Reply(chunk(text("Let me check", thought=True, thoughtSignature=new_signature())),
+                               chunk(call("Bash", {"command": f"ls {turn}"})), chunk(finish="STOP"))]
+        _, message = cc_stream(proxy, claude_code_request(messages, billing=str(600 + turn)))
+        raw_bodies.append(json.dumps(gemini.bodies[-1]))
+        messages = messages + [{"role": "assistant", "content": message["content"]},
+                               {"role": "user", "content": [{"type": "tool_result", "tool_use_id":
+                                                             message["content"][-1]["id"], "content": f"out {turn}"}]}]
+    for before, after in zip(gemini.bodies, gemini.bodies[1:]):
+        for key in ("systemInstruction", "tools", "toolConfig", "generationConfig", "safetySettings"):
+            assert json.dumps(before[key]) == json.dumps(after[key])
+        previous = json.dumps(before["contents"])[:-1]
+        assert json.dumps(after["contents"]).startswith(previous)  # earlier turns resent byte for byte
+    assert all("cc_version" not in raw for raw in raw_bodies)
