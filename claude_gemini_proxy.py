@@ -897,6 +897,18 @@ def _web_search_prompt(tool: dict) -> str:
     return " ".join(lines)
 
 
+def _function_calling(choice: dict, names: dict) -> dict:
+    """Return Gemini's functionCallingConfig for an Anthropic tool_choice."""
+    calling = {"mode": TOOL_CHOICE_MODES.get(choice.get("type"), "AUTO")}
+    if choice.get("type") == "tool":
+        wanted = gemini_tool_name(str(choice.get("name")))
+        if wanted in names:
+            calling["allowedFunctionNames"] = [wanted]
+        else:  # a forced tool Gemini does not have must not become a 400
+            calling["mode"] = "AUTO"
+    return calling
+
+
 def to_gemini_request(body: dict, config: Config, signatures: SignatureStore) -> GeminiRequest:
     """Return the Gemini request for an Anthropic Messages body; raise ProxyError when invalid."""
     _check_body(body)
@@ -925,15 +937,7 @@ def to_gemini_request(body: dict, config: Config, signatures: SignatureStore) ->
         gemini_body["tools"] = [{"googleSearch": {}}]
     elif declarations:
         gemini_body["tools"] = [{"functionDeclarations": declarations}]
-        mode = TOOL_CHOICE_MODES.get(choice.get("type"), "AUTO")
-        calling = {"mode": mode}
-        if choice.get("type") == "tool":
-            wanted = gemini_tool_name(str(choice.get("name")))
-            if wanted in names:
-                calling["allowedFunctionNames"] = [wanted]
-            else:  # a forced tool Gemini does not have must not become a 400
-                calling["mode"] = "AUTO"
-        gemini_body["toolConfig"] = {"functionCallingConfig": calling}
+        gemini_body["toolConfig"] = {"functionCallingConfig": _function_calling(choice, names)}
     generation = _generation_config(body, model, config)
     thinking_config, thinking = _thinking_config(body, model)
     if thinking_config:

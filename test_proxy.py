@@ -1497,6 +1497,18 @@ def test_first_call_of_current_turn_without_signature_gets_the_bypass_only_there
 # == Upstream client =========================================================
 # Pooling, stale connections, CONNECT tunnels, retries, keys and auth headers.
 
+def accept_forever(listener, serve, on_accept=None):
+    """Serve each connection of a listening socket in its own thread until the socket closes."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        if on_accept:
+            on_accept(conn)
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
 class KeyedGemini(FakeGemini):
     """FakeGemini that can answer per API key and misbehave per request number (1-based)."""
 
@@ -1579,14 +1591,11 @@ class TunnelProxy:
         return f"http://{userinfo}127.0.0.1:{self.port}"
 
     def _accept(self):
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            with self.lock:
-                self.sockets.append(client)
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+        accept_forever(self.listener, self._serve, self._remember)
+
+    def _remember(self, client):
+        with self.lock:
+            self.sockets.append(client)
 
     def _serve(self, client):
         data = b""
@@ -2101,15 +2110,7 @@ class CannedGemini:
             len(frames), frames)
         self.listener = socket.create_server(("127.0.0.1", 0), backlog=256)
         self.base = f"http://127.0.0.1:{self.listener.getsockname()[1]}/v1beta"
-        threading.Thread(target=self.accept, daemon=True).start()
-
-    def accept(self):
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self.serve, args=(conn,), daemon=True).start()
+        threading.Thread(target=accept_forever, args=(self.listener, self.serve), daemon=True).start()
 
     def serve(self, conn):
         reader = conn.makefile("rb")
