@@ -1425,7 +1425,7 @@ class UpstreamClient:
         self.host = base.hostname
         self.port = base.port or (443 if self.https else 80)
         self.base_path = base.path.rstrip("/")
-        self.ssl_context = ssl.create_default_context() if self.https else None  # SSL_CERT_FILE/DIR apply
+        self._ssl_context = None  # made on first use: loading the CA store costs ~25 ms of start-up
         self.egress = _egress_proxy(config, base.scheme, self.host)
         self.keys = KeyRing(config.api_keys or ("",))
         self.token_command = TokenCommand(config.auth_command, config.auth_ttl) if config.auth_command else None
@@ -1440,7 +1440,7 @@ class UpstreamClient:
         timeout = self.config.connect_timeout
         host, port = (self.egress[0], self.egress[1]) if self.egress else (self.host, self.port)
         if self.https:
-            conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=self.ssl_context)
+            conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=self.ssl_context())
         else:
             conn = http.client.HTTPConnection(host, port, timeout=timeout)
         if self.egress:
@@ -1452,6 +1452,13 @@ class UpstreamClient:
         with self._lock:
             self.connections_opened += 1
         return conn
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """Return the process's one SSL context (SSL_CERT_FILE / SSL_CERT_DIR apply)."""
+        with self._lock:
+            if self._ssl_context is None:
+                self._ssl_context = ssl.create_default_context()
+            return self._ssl_context
 
     def _checkout(self) -> tuple:
         with self._lock:
