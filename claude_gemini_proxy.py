@@ -57,9 +57,7 @@ import sys
 import threading
 import time
 import urllib.parse
-import urllib.request
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from collections import OrderedDict, namedtuple
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 __version__ = "1.0.0"
@@ -80,33 +78,47 @@ GEMINI_DECLARATION_LIMIT = 512
 BYPASS_SIGNATURE = "skip_thought_signature_validator"
 
 
-@dataclass(frozen=True)
 class Config:
-    host: str = "127.0.0.1"
-    port: int = 8318
-    api_keys: tuple = ()  # several keys spread load; the first one also seeds the signature key
-    api_base: str = DEFAULT_API_BASE  # any gateway speaking the Gemini REST API
-    auth_type: str = ""  # "bearer" for gateways and Vertex tokens
-    proxy_auth_token: str = ""  # empty: the proxy is open (it binds to loopback by default)
-    default_model: str = "gemini-3.5-flash"
-    model_map: tuple = ()  # ((glob, gemini model), ...), first match wins
-    max_output_tokens: int = 60000  # clamp: larger values get a Gemini 400
-    stream_mode: str = "live"  # "buffered" for gateways that cannot stream
-    upstream_timeout: float = 600.0  # long thinking is normal; this is to first byte and between chunks
-    connect_timeout: float = 10.0
-    max_retry_wait: float = 30.0  # past this, answer 429 with retry-after instead of waiting
-    max_retries: int = 2  # upstream 429/500/503 retries before anything reached the client
-    signature_key: bytes = b""  # HMAC key of signature carriers; instances sharing it agree
-    max_request_bytes: int = 32 * 1024 * 1024  # the Anthropic API's own limit
-    ping_interval: float = 15.0  # SSE keep-alive when nothing was written for this long
-    client_timeout: float = 300.0  # idle keep-alive clients and slow request bodies
-    shutdown_grace: float = 30.0
-    auth_command: str = ""  # prints a bearer token (gcloud auth print-access-token); replaces keys
-    auth_ttl: float = 3000.0  # rerun the command after this many seconds (tokens live an hour)
-    https_proxy: str = ""  # egress proxies, read as urllib reads HTTPS_PROXY/HTTP_PROXY/NO_PROXY
-    http_proxy: str = ""
-    no_proxy: str = ""
-    debug: bool = False
+    """Settings, read once by read_config(); read-only. Class attributes are the defaults."""
+
+    host = "127.0.0.1"
+    port = 8318
+    api_keys = ()  # several keys spread load; the first one also seeds the signature key
+    api_base = DEFAULT_API_BASE  # any gateway speaking the Gemini REST API
+    auth_type = ""  # "bearer" for gateways and Vertex tokens
+    proxy_auth_token = ""  # empty: the proxy is open (it binds to loopback by default)
+    default_model = "gemini-3.5-flash"
+    model_map = ()  # ((glob, gemini model), ...), first match wins
+    max_output_tokens = 60000  # clamp: larger values get a Gemini 400
+    stream_mode = "live"  # "buffered" for gateways that cannot stream
+    upstream_timeout = 600.0  # long thinking is normal; this is to first byte and between chunks
+    connect_timeout = 10.0
+    max_retry_wait = 30.0  # past this, answer 429 with retry-after instead of waiting
+    max_retries = 2  # upstream 429/500/503 retries before anything reached the client
+    signature_key = b""  # HMAC key of signature carriers; instances sharing it agree
+    max_request_bytes = 32 * 1024 * 1024  # the Anthropic API's own limit
+    ping_interval = 15.0  # SSE keep-alive when nothing was written for this long
+    client_timeout = 300.0  # idle keep-alive clients and slow request bodies
+    shutdown_grace = 30.0
+    auth_command = ""  # prints a bearer token (gcloud auth print-access-token); replaces keys
+    auth_ttl = 3000.0  # rerun the command after this many seconds (tokens live an hour)
+    https_proxy = ""  # egress proxies, read as urllib reads HTTPS_PROXY/HTTP_PROXY/NO_PROXY
+    http_proxy = ""
+    no_proxy = ""
+    debug = False
+
+    def __init__(self, **values):
+        for name, value in values.items():
+            if name.startswith("_") or not hasattr(Config, name) or callable(getattr(Config, name)):
+                raise TypeError(f"unknown setting {name!r}")
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Config is read-only")
+
+    def __repr__(self) -> str:
+        shown = (f"{k}={v!r}" for k, v in vars(self).items() if "key" not in k and "token" not in k)
+        return f"Config({', '.join(shown)})"  # never the secrets
 
 
 ENV_OPTIONS = (
@@ -369,13 +381,8 @@ CARRIER_NONCE_BYTES = 6  # two calls with the same Gemini call id still get dist
 KIND_CALL, KIND_THOUGHT, KIND_TEXT = b"f", b"t", b"x"
 
 
-@dataclass(frozen=True)
-class Carried:
-    """What a carrier holds: the issuing model, part kind, Gemini call id and signature."""
-    model: str
-    kind: bytes
-    call_id: str
-    signature: str
+# What a carrier holds: the issuing model, part kind, Gemini call id and signature.
+Carried = namedtuple("Carried", "model kind call_id signature")
 
 
 def _b64url(raw: bytes) -> str:
@@ -499,17 +506,19 @@ EFFORT_LEVELS = {"low": "LOW", "medium": "MEDIUM", "high": "HIGH", "xhigh": "HIG
 EFFORT_BUDGETS = {"low": 1024, "medium": 8192, "high": 16384, "xhigh": 24576, "max": 32768}
 
 
-@dataclass
 class GeminiRequest:
     """A translated request: the Gemini body plus what the response side needs."""
-    client_model: str
-    model: str
-    body: dict
-    stream: bool = False
-    tool_names: dict = field(default_factory=dict)  # Gemini function name -> client tool name
-    stop_sequences: tuple = ()
-    thinking: str = ""  # "" (no thinking blocks), "summarized" or "omitted"
-    web_search: dict | None = None  # the client's web_search tool when Google Search answers
+
+    def __init__(self, client_model: str, model: str, body: dict, stream: bool, tool_names: dict,
+                 stop_sequences: tuple, thinking: str, web_search: dict | None):
+        self.client_model = client_model
+        self.model = model
+        self.body = body
+        self.stream = stream
+        self.tool_names = tool_names  # Gemini function name -> client tool name
+        self.stop_sequences = stop_sequences
+        self.thinking = thinking  # "" (no thinking blocks), "summarized" or "omitted"
+        self.web_search = web_search  # the client's web_search tool when Google Search answers
 
 
 def gemini_tool_name(name: str) -> str:
@@ -1399,10 +1408,22 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
+def _bypasses_proxy(host: str, no_proxy: str) -> bool:
+    """Return True when NO_PROXY (curl's rules: *, hosts, .domains, host:port) covers host."""
+    host = host.lower().strip("[]")
+    for entry in no_proxy.replace(" ", ",").split(","):
+        entry = entry.strip().lower().lstrip(".")
+        if entry.count(":") == 1:
+            entry = entry.split(":")[0]
+        if entry == "*" or entry and (host == entry or host.endswith("." + entry)):
+            return True
+    return False
+
+
 def _egress_proxy(config: Config, scheme: str, host: str) -> tuple | None:
     """Return (host, port, Proxy-Authorization or None) for the upstream, or None when direct."""
     proxy_url = config.https_proxy if scheme == "https" else config.http_proxy
-    if not proxy_url or urllib.request.proxy_bypass_environment(host, {"no": config.no_proxy}):
+    if not proxy_url or _bypasses_proxy(host, config.no_proxy):
         return None
     parts = urllib.parse.urlsplit(proxy_url if "://" in proxy_url else "http://" + proxy_url)
     auth = None

@@ -101,6 +101,7 @@ class FakeGemini:
 
             def setup(self):
                 super().setup()
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 with fake.lock:
                     fake.connections += 1
 
@@ -497,6 +498,27 @@ def test_signature_key_is_shared_by_instances_with_the_same_api_key():
     explicit = cgp.read_config([], {"GEMINI_API_KEY": "k9", "PROXY_SIGNATURE_KEY": "s"})
     assert one.signature_key == two.signature_key != other.signature_key
     assert explicit.signature_key != other.signature_key
+
+
+@pytest.mark.parametrize("host,no_proxy,bypass", [
+    ("generativelanguage.googleapis.com", "", False),
+    ("generativelanguage.googleapis.com", "*", True),
+    ("generativelanguage.googleapis.com", ".googleapis.com", True),
+    ("generativelanguage.googleapis.com", "googleapis.com,localhost", True),
+    ("generativelanguage.googleapis.com", "notgoogleapis.com", False),
+    ("127.0.0.1", "localhost, 127.0.0.1:8080", True),
+])
+def test_no_proxy_rules(host, no_proxy, bypass):
+    assert cgp._bypasses_proxy(host, no_proxy) is bypass
+
+
+def test_config_is_read_only_and_hides_secrets_in_repr():
+    config = cgp.Config(api_keys=("AIzaSecret",), proxy_auth_token="tok", port=1)
+    with pytest.raises(AttributeError):
+        config.port = 2
+    with pytest.raises(TypeError):
+        cgp.Config(no_such_setting=1)
+    assert "AIzaSecret" not in repr(config) and "tok" not in repr(config) and "port=1" in repr(config)
 
 
 @pytest.mark.parametrize("client_model,expected", [
