@@ -2087,8 +2087,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """Read an oversized body in small pieces (never held), so the client sees our 413."""
         self.close_connection = True
         self.connection.settimeout(2.0)
+        deadline = time.monotonic() + 5.0  # a client trickling gigabytes does not hold a thread
         try:
-            while size > 0:
+            while size > 0 and time.monotonic() < deadline:
                 piece = self.rfile.read(min(size, 65536))
                 if not piece:
                     break

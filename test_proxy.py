@@ -1152,6 +1152,20 @@ def test_body_over_limit_is_413_without_reading_it_into_memory(gemini, start_pro
     assert gemini.requests == [] and post(small, messages_body()).status == 200
 
 
+def test_garbage_request_line_gets_an_anthropic_shaped_400(proxy):
+    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        sock.sendall(b"THIS IS NOT HTTP\r\n\r\n")
+        reply = b""
+        while b"}}" not in reply:
+            piece = sock.recv(4096)
+            if not piece:
+                break
+            reply += piece
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and json.loads(body)["error"]["type"] == "invalid_request_error"
+    assert request(proxy, "GET", "/health").status == 200
+
+
 def test_keep_alive_serves_several_requests_on_one_connection(gemini, proxy):
     conn = proxy.connect()
     for _ in range(3):
