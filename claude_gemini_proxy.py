@@ -180,7 +180,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     for env, _flag, name, _conv, text in ENV_OPTIONS:
         epilog.append(f"  {env:<21} {text} (default: {getattr(defaults, name)!r})")
     epilog += ["  HTTPS_PROXY, HTTP_PROXY, NO_PROXY   egress proxy, as curl and urllib read them",
-               "  SSL_CERT_FILE, SSL_CERT_DIR         CA bundle for a private upstream CA","  MODEL_MAP             glob=model,... checked after the built-in table",
+               "  SSL_CERT_FILE, SSL_CERT_DIR         CA bundle for a private upstream CA",
+               "  MODEL_MAP             glob=model,... checked after the built-in table",
                "  PROXY_SIGNATURE_KEY   HMAC key for signature carriers (default: derived from key)",
                "  DEBUG                 true/1: log each request and upstream call",
                "", "example:  GEMINI_API_KEY=... python3 claude_gemini_proxy.py --port 8318"]
@@ -1125,7 +1126,7 @@ class ResponseFold:
                 self._open("thinking", events)
                 self._delta(part["text"], events)
             if signature:
-                self._sign(KIND_THOUGHT, signature, events)
+                self._sign(signature, events)
         elif "text" in part:  # {text, thoughtSignature?}: a trailing empty part may carry one
             if part["text"]:
                 self._text(part["text"], events)
@@ -1161,10 +1162,10 @@ class ResponseFold:
         self.open_kind = ""
         events.append(("content_block_stop", {"type": "content_block_stop", "index": len(self.blocks) - 1}))
 
-    def _sign(self, kind: bytes, signature: str, events: list) -> None:
-        """Close a thinking block (opened if need be) with a carrier for `signature`."""
+    def _sign(self, signature: str, events: list) -> None:
+        """Close a thinking block (opened if need be) with a carrier for a thought's signature."""
         self._open("thinking", events)
-        token = self.signatures.issue(Carried(self.request.model, kind, "", signature))
+        token = self.signatures.issue(Carried(self.request.model, KIND_THOUGHT, "", signature))
         self.blocks[-1]["signature"] = token
         events.append(("content_block_delta", {"type": "content_block_delta", "index": len(self.blocks) - 1,
                                                "delta": {"type": "signature_delta", "signature": token}}))
@@ -1798,7 +1799,6 @@ class ModelCatalog:
                 if getattr(error, "upstream_status", None) != 404:
                     raise
                 break  # Vertex AI has no model list at this base: offer the table's names
-
             gemini.extend(m for m in page.get("models") or () if isinstance(m, dict)
                           and "generateContent" in (m.get("supportedGenerationMethods") or ()))
             token = page.get("nextPageToken")
@@ -2134,7 +2134,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         route = path if path in ROUTES else "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
         self.server.metrics.count_request(route, self.status, self.gemini_model, self.usage)
         usage = self.usage or {}
-        log.info("%s %s %d model=%s in=%s out=%s cached=%s %.0fms %s", method, self.path.split("?")[0],
+        log.info("%s %s %d model=%s in=%s out=%s cached=%s %.0fms %s", method, path,
                  self.status, self.gemini_model, usage.get("input_tokens", "-"),
                  usage.get("output_tokens", "-"), usage.get("cache_read_input_tokens", "-"),
                  (time.monotonic() - self.started_at) * 1000, self.request_id)
