@@ -73,8 +73,6 @@ log = logging.getLogger("claude_gemini_proxy")
 
 DEFAULT_API_BASE = "https://generativelanguage.googleapis.com/v1beta"
 DEFAULT_MAX_TOKENS = 32768  # when a client omits max_tokens
-GEMINI_STOP_SEQUENCE_LIMIT = 5
-GEMINI_DECLARATION_LIMIT = 512
 BYPASS_SIGNATURE = "skip_thought_signature_validator"
 
 
@@ -109,7 +107,11 @@ class Config:
 
     def __init__(self, **values):
         for name, value in values.items():
-            if name.startswith("_") or not hasattr(Config, name) or callable(getattr(Config, name)):
+            if (
+                name.startswith("_")
+                or not hasattr(Config, name)
+                or callable(getattr(Config, name))
+            ):
                 raise TypeError(f"unknown setting {name!r}")
             object.__setattr__(self, name, value)
 
@@ -117,7 +119,9 @@ class Config:
         raise AttributeError("Config is read-only")
 
     def __repr__(self) -> str:
-        shown = (f"{k}={v!r}" for k, v in vars(self).items() if "key" not in k and "token" not in k)
+        shown = (
+            f"{k}={v!r}" for k, v in vars(self).items() if "key" not in k and "token" not in k
+        )
         return f"Config({', '.join(shown)})"  # never the secrets
 
 
@@ -128,10 +132,10 @@ ENV_OPTIONS = (
     ("GEMINI_API_BASE", "--api-base", "api_base", str, "Gemini REST base URL (any gateway)"),
     ("GEMINI_AUTH_TYPE", None, "auth_type", str, "unset: x-goog-api-key; bearer: Authorization"),
     ("PROXY_AUTH_TOKEN", None, "proxy_auth_token", str, "token clients must send"),
-    ("DEFAULT_GEMINI_MODEL", "--default-model", "default_model", str, "model for non-Gemini names"),
+    ("DEFAULT_GEMINI_MODEL", "--default-model", "default_model", str, "model for other names"),
     ("MAX_OUTPUT_TOKENS", None, "max_output_tokens", int, "clamp for max_tokens"),
     ("STREAM_MODE", "--stream-mode", "stream_mode", str, "live or buffered"),
-    ("UPSTREAM_TIMEOUT", None, "upstream_timeout", float, "seconds to first byte / between chunks"),
+    ("UPSTREAM_TIMEOUT", None, "upstream_timeout", float, "seconds to first byte, between chunks"),
     ("MAX_RETRY_WAIT", None, "max_retry_wait", float, "longest upstream retry delay honoured"),
     ("MAX_REQUEST_BYTES", None, "max_request_bytes", int, "largest request body accepted"),
     ("SHUTDOWN_GRACE", None, "shutdown_grace", float, "seconds in-flight work gets on SIGTERM"),
@@ -179,12 +183,15 @@ def build_arg_parser() -> argparse.ArgumentParser:
               "  GEMINI_API_KEY        required: key, or k1,k2,k3 to spread load"]
     for env, _flag, name, _conv, text in ENV_OPTIONS:
         epilog.append(f"  {env:<21} {text} (default: {getattr(defaults, name)!r})")
-    epilog += ["  HTTPS_PROXY, HTTP_PROXY, NO_PROXY   egress proxy, as curl and urllib read them",
-               "  SSL_CERT_FILE, SSL_CERT_DIR         CA bundle for a private upstream CA",
-               "  MODEL_MAP             glob=model,... checked after the built-in table",
-               "  PROXY_SIGNATURE_KEY   HMAC key for signature carriers (default: derived from key)",
-               "  DEBUG                 true/1: log each request and upstream call",
-               "", "example:  GEMINI_API_KEY=... python3 claude_gemini_proxy.py --port 8318"]
+    epilog += [
+        "  HTTPS_PROXY, HTTP_PROXY, NO_PROXY   egress proxy, as curl and urllib read them",
+        "  SSL_CERT_FILE, SSL_CERT_DIR         CA bundle for a private upstream CA",
+        "  MODEL_MAP             glob=model,... checked after the built-in table",
+        "  PROXY_SIGNATURE_KEY   HMAC key for signature carriers (default: derived from key)",
+        "  DEBUG                 true/1: log each request and upstream call",
+        "",
+        "example:  GEMINI_API_KEY=... python3 claude_gemini_proxy.py --port 8318",
+    ]
     parser = argparse.ArgumentParser(
         prog="claude_gemini_proxy.py",
         description="Serve the Anthropic Messages API on top of Google Gemini.",
@@ -194,7 +201,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, dest=name, type=conv, default=None,
                                 help=f"{text} (env {env}; default {getattr(defaults, name)})")
     parser.add_argument("--env-file", default=None, help="read KEY=VALUE lines (default ./.env)")
-    parser.add_argument("--debug", action="store_true", default=None, help="verbose logs (env DEBUG)")
+    parser.add_argument(
+        "--debug", action="store_true", default=None, help="verbose logs (env DEBUG)"
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -232,49 +241,14 @@ def read_config(argv: list | None, environ: dict, dotenv_text: str = "") -> Conf
         signature_key = hashlib.sha256(signature_secret.encode()).digest()
     else:  # instances sharing the first key (or token command) agree without configuration
         seed = keys[0] if keys else values["auth_command"]
-        signature_key = hmac.new(seed.encode(), b"claude_gemini_proxy signatures v1", hashlib.sha256).digest()
+        signature_key = hmac.new(
+            seed.encode(), b"claude_gemini_proxy signatures v1", hashlib.sha256
+        ).digest()
     debug = args.debug or env.get("DEBUG", "").lower() in ("1", "true", "yes")
     for name in ("https_proxy", "http_proxy", "no_proxy"):
         values[name] = env.get(name.upper()) or env.get(name) or ""
     return Config(api_keys=keys, model_map=parse_model_map(env.get("MODEL_MAP", "")),
                   signature_key=signature_key, debug=bool(debug), **values)
-
-
-# The original routing rows: these client names go to DEFAULT_GEMINI_MODEL (None) or pass through.
-MODEL_TABLE = {
-    "Kimi-K2.5": None,
-    "Claude Sonnet 4.6": None,
-    "Claude Opus 4.6": None,
-    "gemini-3.5-flash": "gemini-3.5-flash",
-    "gemini-3.1-pro-preview": "gemini-3.1-pro-preview",
-}
-UNSAFE_MODEL_PARTS = ("/", "?", "#", "%", "..", "\\")
-
-
-def map_model(client_model: str, config: Config) -> str:
-    """Return the Gemini model for a client's model name; raise ProxyError for unsafe names."""
-    name = client_model[:-4] if client_model.endswith("[1m]") else client_model
-    if any(bad in name for bad in UNSAFE_MODEL_PARTS) or not name.strip():
-        raise ProxyError(400, "invalid_request_error", f"model: {client_model!r} is not a valid model name")
-    if name in MODEL_TABLE:
-        return MODEL_TABLE[name] or config.default_model
-    for pattern, target in config.model_map:
-        if fnmatch.fnmatchcase(name, pattern):
-            return target
-    if name.startswith("gemini-"):
-        return name
-    return config.default_model
-
-
-def model_version(model: str) -> tuple:
-    """Return (major, minor) of a Gemini model name; unknown names count as current (3, 0)."""
-    match = MODEL_VERSION_RE.match(model)
-    if not match:
-        return (3, 0)
-    return (int(match.group(1)), int(match.group(2) or 0))
-
-
-MODEL_VERSION_RE = re.compile(r"gemini-(\d+)(?:\.(\d+))?")
 
 
 # == Errors ===================================================================
@@ -417,7 +391,9 @@ def decode_carrier(key: bytes, token: str) -> Carried | None:
     payload, mac = blob[:-CARRIER_MAC_BYTES], blob[-CARRIER_MAC_BYTES:]
     if len(payload) < 5 + CARRIER_NONCE_BYTES or payload[:1] != CARRIER_VERSION:
         return None
-    if not hmac.compare_digest(mac, hmac.new(key, payload, hashlib.sha256).digest()[:CARRIER_MAC_BYTES]):
+    if not hmac.compare_digest(
+        mac, hmac.new(key, payload, hashlib.sha256).digest()[:CARRIER_MAC_BYTES]
+    ):
         return None
     at = 1 + CARRIER_NONCE_BYTES
     kind, at = payload[at:at + 1], at + 1
@@ -493,9 +469,19 @@ class SignatureStore:
 # to_gemini_request() is pure: a Messages body in, a GeminiRequest (body + what the
 # response side needs to know) out. One helper per block kind.
 
+# Gemini's request limits; the response side enforces stop sequences past the fifth
+# (ResponseFold._text).
+GEMINI_STOP_SEQUENCE_LIMIT = 5
+GEMINI_DECLARATION_LIMIT = 512
 SUPPORTED_IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/heic", "image/heif")
 # Kinds Gemini 3 takes inside functionResponse.parts; older models get them as sibling parts.
-FUNCTION_RESPONSE_MEDIA = ("image/png", "image/jpeg", "image/webp", "application/pdf", "text/plain")
+FUNCTION_RESPONSE_MEDIA = (
+    "image/png",
+    "image/jpeg",
+    "image/webp",
+    "application/pdf",
+    "text/plain",
+)
 GEMINI_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,63}$")
 GEMINI_NAME_BAD_CHARS_RE = re.compile(r"[^A-Za-z0-9_.:-]")
 BILLING_HEADER_PREFIX = "x-anthropic-billing-header"
@@ -505,6 +491,43 @@ SAFETY_OFF = [{"category": c, "threshold": "OFF"} for c in (
 TOOL_CHOICE_MODES = {"auto": "AUTO", "any": "ANY", "tool": "ANY", "none": "NONE"}
 EFFORT_LEVELS = {"low": "LOW", "medium": "MEDIUM", "high": "HIGH", "xhigh": "HIGH", "max": "HIGH"}
 EFFORT_BUDGETS = {"low": 1024, "medium": 8192, "high": 16384, "xhigh": 24576, "max": 32768}
+
+
+# The original routing rows: these client names go to DEFAULT_GEMINI_MODEL (None) or pass through.
+MODEL_TABLE = {
+    "Kimi-K2.5": None,
+    "Claude Sonnet 4.6": None,
+    "Claude Opus 4.6": None,
+    "gemini-3.5-flash": "gemini-3.5-flash",
+    "gemini-3.1-pro-preview": "gemini-3.1-pro-preview",
+}
+MODEL_VERSION_RE = re.compile(r"gemini-(\d+)(?:\.(\d+))?")
+UNSAFE_MODEL_PARTS = ("/", "?", "#", "%", "..", "\\")
+
+
+def map_model(client_model: str, config: Config) -> str:
+    """Return the Gemini model for a client's model name; raise ProxyError for unsafe names."""
+    name = client_model[:-4] if client_model.endswith("[1m]") else client_model
+    if any(bad in name for bad in UNSAFE_MODEL_PARTS) or not name.strip():
+        raise ProxyError(
+            400, "invalid_request_error", f"model: {client_model!r} is not a valid model name"
+        )
+    if name in MODEL_TABLE:
+        return MODEL_TABLE[name] or config.default_model
+    for pattern, target in config.model_map:
+        if fnmatch.fnmatchcase(name, pattern):
+            return target
+    if name.startswith("gemini-"):
+        return name
+    return config.default_model
+
+
+def model_version(model: str) -> tuple:
+    """Return (major, minor) of a Gemini model name; unknown names count as current (3, 0)."""
+    match = MODEL_VERSION_RE.match(model)
+    if not match:
+        return (3, 0)
+    return (int(match.group(1)), int(match.group(2) or 0))
 
 
 class GeminiRequest:
@@ -554,9 +577,19 @@ def _check_body(body) -> None:
     if "messages" not in body:
         raise bad_request("messages: field required")
     _expect(body["messages"], list, "messages")
-    optional = (("max_tokens", int), ("stream", bool), ("system", (str, list)), ("tools", list),
-                ("tool_choice", dict), ("stop_sequences", list), ("temperature", (int, float)),
-                ("top_p", (int, float)), ("top_k", int), ("thinking", dict), ("output_config", dict))
+    optional = (
+        ("max_tokens", int),
+        ("stream", bool),
+        ("system", (str, list)),
+        ("tools", list),
+        ("tool_choice", dict),
+        ("stop_sequences", list),
+        ("temperature", (int, float)),
+        ("top_p", (int, float)),
+        ("top_k", int),
+        ("thinking", dict),
+        ("output_config", dict),
+    )
     for name, kinds in optional:
         if body.get(name) is not None:
             _expect(body[name], kinds, name)
@@ -588,8 +621,10 @@ def _texts(content, where: str) -> list:
 
 def _check_media_type(media_type: str, allowed: tuple, where: str) -> str:
     if media_type not in allowed:
-        raise bad_request(f"{where}: {media_type or 'this media type'} is not supported by Gemini; "
-                          f"send one of {', '.join(allowed)}")
+        raise bad_request(
+            f"{where}: {media_type or 'this media type'} is not supported by Gemini; "
+            f"send one of {', '.join(allowed)}"
+        )
     return media_type
 
 
@@ -599,13 +634,17 @@ def _media_parts(block: dict, where: str) -> list:
     kind = source.get("type")
     if block["type"] == "image":
         if kind == "base64":
-            media_type = _check_media_type(source.get("media_type", ""), SUPPORTED_IMAGE_TYPES, where)
+            media_type = _check_media_type(
+                source.get("media_type", ""), SUPPORTED_IMAGE_TYPES, where
+            )
             return [{"inlineData": {"mimeType": media_type, "data": _base64_data(source, where)}}]
         if kind == "url" and isinstance(source.get("url"), str):
             guessed = mimetypes.guess_type(source["url"])[0] or "image/jpeg"
             media_type = _check_media_type(guessed, SUPPORTED_IMAGE_TYPES, where)
             return [{"fileData": {"mimeType": media_type, "fileUri": source["url"]}}]
-        raise bad_request(f"{where}: image source type {kind!r} is not supported (use base64 or url)")
+        raise bad_request(
+            f"{where}: image source type {kind!r} is not supported (use base64 or url)"
+        )
     if kind == "base64":  # document
         media_type = source.get("media_type") or "application/pdf"
         if media_type == "text/plain":
@@ -620,7 +659,9 @@ def _media_parts(block: dict, where: str) -> list:
     if kind == "content":
         inner = source.get("content")
         parts = []
-        for i, item in enumerate(_blocks(inner if inner is not None else "", f"{where}.source.content")):
+        for i, item in enumerate(
+            _blocks(inner if inner is not None else "", f"{where}.source.content")
+        ):
             if item["type"] == "text" and item.get("text"):
                 parts.append({"text": item["text"]})
             elif item["type"] == "image":
@@ -656,7 +697,9 @@ def _tool_result_parts(block: dict, call: tuple | None, new_media: bool, where: 
                 else:
                     media.append(part)
         elif kind == "search_result":  # {source, title, content: [text]}
-            inner = "\n".join(c.get("text", "") for c in item.get("content") or () if isinstance(c, dict))
+            inner = "\n".join(
+                c.get("text", "") for c in item.get("content") or () if isinstance(c, dict)
+            )
             texts.append(f"{item.get('title', '')} ({item.get('source', '')})\n{inner}")
         else:
             texts.append(json.dumps(item, ensure_ascii=False))
@@ -773,9 +816,16 @@ class _HistoryTranslator:
             elif kind == "search_result":
                 parts.extend(_tool_result_parts({"content": [block]}, None, False, here)[1])
         # Gemini wants one response per call, in call order, before the turn's other parts.
-        ordered = [responses.get(tool_id) or {"functionResponse": dict(
-            {"name": name, "response": {"error": "No result was recorded for this call."}},
-            **({"id": call_id} if call_id else {}))} for tool_id, (name, call_id) in pending.items()]
+        ordered = [
+            responses.get(tool_id)
+            or {
+                "functionResponse": dict(
+                    {"name": name, "response": {"error": "No result was recorded for this call."}},
+                    **({"id": call_id} if call_id else {}),
+                )
+            }
+            for tool_id, (name, call_id) in pending.items()
+        ]
         return ordered + after + parts
 
     def finish(self) -> list:
@@ -788,7 +838,9 @@ class _HistoryTranslator:
                 content["parts"].sort(key=lambda part: "functionResponse" not in part)
         turn_start = 0
         for i, content in enumerate(contents):
-            if content["role"] == "user" and any("functionResponse" not in p for p in content["parts"]):
+            if content["role"] == "user" and any(
+                "functionResponse" not in p for p in content["parts"]
+            ):
                 turn_start = i
         for content in contents[turn_start:]:
             if content["role"] == "model":
@@ -862,10 +914,14 @@ def _thinking_config(body: dict, model: str) -> tuple:
         if legacy:
             config["thinkingBudget"] = min(budget, 32768 if "pro" in model else 24576)
         else:
-            config["thinkingLevel"] = "LOW" if budget <= 4096 else "MEDIUM" if budget <= 16384 else "HIGH"
+            config["thinkingLevel"] = (
+                "LOW" if budget <= 4096 else "MEDIUM" if budget <= 16384 else "HIGH"
+            )
     elif effort in EFFORT_LEVELS:
         if legacy:
-            config["thinkingBudget"] = min(EFFORT_BUDGETS[effort], 32768 if "pro" in model else 24576)
+            config["thinkingBudget"] = min(
+                EFFORT_BUDGETS[effort], 32768 if "pro" in model else 24576
+            )
         else:
             config["thinkingLevel"] = EFFORT_LEVELS[effort]
     if kind in ("enabled", "adaptive"):
@@ -901,7 +957,9 @@ def _generation_config(body: dict, model: str, config: Config) -> dict:
 def _web_search_prompt(tool: dict) -> str:
     lines = ["Search the web with Google Search to answer."]
     if tool.get("allowed_domains"):
-        lines.append("Use only results from these domains: " + ", ".join(tool["allowed_domains"]) + ".")
+        lines.append(
+            "Use only results from these domains: " + ", ".join(tool["allowed_domains"]) + "."
+        )
     if tool.get("blocked_domains"):
         lines.append("Never use results from: " + ", ".join(tool["blocked_domains"]) + ".")
     return " ".join(lines)
@@ -931,14 +989,20 @@ def to_gemini_request(body: dict, config: Config, signatures: SignatureStore) ->
     if not contents:
         raise bad_request("messages: at least one message with content is required")
     system.extend(history.system)
-    declarations, names, server_tools = _function_declarations(body.get("tools") or [], body["messages"])
+    declarations, names, server_tools = _function_declarations(
+        body.get("tools") or [], body["messages"]
+    )
     choice = body.get("tool_choice") or {}
-    web_search = next((t for t in server_tools.values() if str(t.get("type")).startswith("web_search")), None)
+    web_search = next(
+        (t for t in server_tools.values() if str(t.get("type")).startswith("web_search")), None
+    )
     if web_search and (choice.get("name") == web_search["name"] or not declarations):
         system.append(_web_search_prompt(web_search))
     else:
         if server_tools:
-            log.debug("server tools left out (Gemini cannot run them): %s", ", ".join(server_tools))
+            log.debug(
+                "server tools left out (Gemini cannot run them): %s", ", ".join(server_tools)
+            )
         web_search = None
     gemini_body = {"contents": contents}
     if system:
@@ -965,11 +1029,21 @@ def to_gemini_request(body: dict, config: Config, signatures: SignatureStore) ->
 # Anthropic SSE events and the final message: one set of rules for both modes.
 
 STOP_REASONS = {
-    "STOP": "end_turn", "MAX_TOKENS": "max_tokens", "OTHER": "end_turn",
-    "FINISH_REASON_UNSPECIFIED": "end_turn", "TOO_MANY_TOOL_CALLS": "end_turn",
-    "SAFETY": "refusal", "PROHIBITED_CONTENT": "refusal", "BLOCKLIST": "refusal", "SPII": "refusal",
-    "RECITATION": "refusal", "LANGUAGE": "refusal", "IMAGE_SAFETY": "refusal",
-    "IMAGE_PROHIBITED_CONTENT": "refusal", "IMAGE_RECITATION": "refusal", "IMAGE_OTHER": "refusal",
+    "STOP": "end_turn",
+    "MAX_TOKENS": "max_tokens",
+    "OTHER": "end_turn",
+    "FINISH_REASON_UNSPECIFIED": "end_turn",
+    "TOO_MANY_TOOL_CALLS": "end_turn",
+    "SAFETY": "refusal",
+    "PROHIBITED_CONTENT": "refusal",
+    "BLOCKLIST": "refusal",
+    "SPII": "refusal",
+    "RECITATION": "refusal",
+    "LANGUAGE": "refusal",
+    "IMAGE_SAFETY": "refusal",
+    "IMAGE_PROHIBITED_CONTENT": "refusal",
+    "IMAGE_RECITATION": "refusal",
+    "IMAGE_OTHER": "refusal",
     "NO_IMAGE": "refusal",
 }
 # Worth one more upstream call while nothing has reached the client.
@@ -985,7 +1059,9 @@ def sse_frame(event: str, data: dict) -> bytes:
 class ResponseFold:
     """Fold Gemini chunks into Anthropic events (feed/finish) and the final message()."""
 
-    def __init__(self, request: GeminiRequest, signatures: SignatureStore, input_estimate: int = 0):
+    def __init__(
+        self, request: GeminiRequest, signatures: SignatureStore, input_estimate: int = 0
+    ):
         self.request = request
         self.signatures = signatures
         self.id = "msg_" + secrets.token_hex(12)
@@ -1017,8 +1093,14 @@ class ResponseFold:
         if not isinstance(chunk, dict):
             raise ProxyError(502, "api_error", "Gemini sent an answer the proxy could not read")
         if "error" in chunk:
-            error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
-            raise upstream_error(int(error.get("code") or 500), json.dumps({"error": error}).encode())
+            error = (
+                chunk["error"]
+                if isinstance(chunk["error"], dict)
+                else {"message": str(chunk["error"])}
+            )
+            raise upstream_error(
+                int(error.get("code") or 500), json.dumps({"error": error}).encode()
+            )
         events = []
         if chunk.get("usageMetadata"):
             self.usage_metadata = chunk["usageMetadata"]  # cumulative: the last one wins
@@ -1061,7 +1143,9 @@ class ResponseFold:
         self._close(events)
         self._keep_text_signature()
         delta = {"stop_reason": self.stop_reason, "stop_sequence": self.stop_sequence}
-        events.append(("message_delta", {"type": "message_delta", "delta": delta, "usage": self.usage()}))
+        events.append(
+            ("message_delta", {"type": "message_delta", "delta": delta, "usage": self.usage()})
+        )
         events.append(("message_stop", {"type": "message_stop"}))
         return events
 
@@ -1076,8 +1160,12 @@ class ResponseFold:
             raise ProxyError(502, "api_error", "Gemini's answer ended without a finish reason")
         if self.finish_reason in RETRY_FINISH_REASONS:
             if not self.blocks:
-                raise ProxyError(502, "api_error", f"Gemini failed twice with {self.finish_reason}",
-                                 {"x-should-retry": "true"})
+                raise ProxyError(
+                    502,
+                    "api_error",
+                    f"Gemini failed twice with {self.finish_reason}",
+                    {"x-should-retry": "true"},
+                )
             self._emit_text(f"\n\n[proxy: Gemini ended with {self.finish_reason}; its tool call "
                             "was lost. Ask again to retry.]", events)
             return "end_turn"
@@ -1092,16 +1180,25 @@ class ResponseFold:
         if self.text_signature and texts:  # the first answer with this text keeps its signature,
             key = text_signature_key(self.request.model, texts[-1])  # so the replayed prefix stays
             if self.signatures.get(key) is None:  # byte-stable for Gemini's implicit cache
-                self.signatures.put(key, Carried(self.request.model, KIND_TEXT, "", self.text_signature))
+                self.signatures.put(
+                    key, Carried(self.request.model, KIND_TEXT, "", self.text_signature)
+                )
 
     def usage(self) -> dict:
         """Return Anthropic usage from the latest Gemini usageMetadata."""
         meta = self.usage_metadata
         cached = meta.get("cachedContentTokenCount", 0)
-        usage = {"input_tokens": (meta.get("promptTokenCount", 0) - cached
-                                  + meta.get("toolUsePromptTokenCount", 0)) if meta else self.input_estimate,
-                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached,
-                 "output_tokens": meta.get("candidatesTokenCount", 0) + meta.get("thoughtsTokenCount", 0)}
+        usage = {
+            "input_tokens": (
+                (meta.get("promptTokenCount", 0) - cached + meta.get("toolUsePromptTokenCount", 0))
+                if meta
+                else self.input_estimate
+            ),
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": cached,
+            "output_tokens": meta.get("candidatesTokenCount", 0)
+            + meta.get("thoughtsTokenCount", 0),
+        }
         if self.search_requests:
             usage["server_tool_use"] = {"web_search_requests": self.search_requests}
         return usage
@@ -1139,8 +1236,16 @@ class ResponseFold:
         self._close(events)
         block = {"type": "text", "text": ""} if kind == "text" else \
             {"type": "thinking", "thinking": "", "signature": ""}
-        events.append(("content_block_start", {"type": "content_block_start",
-                                               "index": len(self.blocks), "content_block": dict(block)}))
+        events.append(
+            (
+                "content_block_start",
+                {
+                    "type": "content_block_start",
+                    "index": len(self.blocks),
+                    "content_block": dict(block),
+                },
+            )
+        )
         self.blocks.append(block)
         self.open_kind = kind
 
@@ -1160,15 +1265,25 @@ class ResponseFold:
         block[self.open_kind] = "".join(self.pieces)
         self.pieces = []
         self.open_kind = ""
-        events.append(("content_block_stop", {"type": "content_block_stop", "index": len(self.blocks) - 1}))
+        events.append(
+            ("content_block_stop", {"type": "content_block_stop", "index": len(self.blocks) - 1})
+        )
 
     def _sign(self, signature: str, events: list) -> None:
         """Close a thinking block (opened if need be) with a carrier for a thought's signature."""
         self._open("thinking", events)
         token = self.signatures.issue(Carried(self.request.model, KIND_THOUGHT, "", signature))
         self.blocks[-1]["signature"] = token
-        events.append(("content_block_delta", {"type": "content_block_delta", "index": len(self.blocks) - 1,
-                                               "delta": {"type": "signature_delta", "signature": token}}))
+        events.append(
+            (
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": len(self.blocks) - 1,
+                    "delta": {"type": "signature_delta", "signature": token},
+                },
+            )
+        )
         self._close(events)
 
     def _text(self, text: str, events: list) -> None:
@@ -1210,7 +1325,9 @@ class ResponseFold:
             tool_id = "toolu_" + secrets.token_urlsafe(18)
         name = self.request.tool_names.get(call.get("name"), call.get("name") or "")
         args = call.get("args") if isinstance(call.get("args"), dict) else {}
-        self._whole_block({"type": "tool_use", "id": tool_id, "name": name, "input": {}}, args, events)
+        self._whole_block(
+            {"type": "tool_use", "id": tool_id, "name": name, "input": {}}, args, events
+        )
         self.called_tool = True
 
     def _whole_block(self, block: dict, input_json, events: list) -> None:
@@ -1219,15 +1336,28 @@ class ResponseFold:
         events.append(("content_block_start", {"type": "content_block_start", "index": index,
                                                "content_block": block}))
         if input_json is not None:
-            events.append(("content_block_delta", {"type": "content_block_delta", "index": index, "delta": {
-                "type": "input_json_delta", "partial_json": json.dumps(input_json, ensure_ascii=False)}}))
+            events.append(
+                (
+                    "content_block_delta",
+                    {
+                        "type": "content_block_delta",
+                        "index": index,
+                        "delta": {
+                            "type": "input_json_delta",
+                            "partial_json": json.dumps(input_json, ensure_ascii=False),
+                        },
+                    },
+                )
+            )
             block = dict(block, input=input_json)
         events.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
         self.blocks.append(block)
 
     def _search_blocks(self, grounding: dict, events: list) -> None:
         """Emit server_tool_use + web_search_tool_result from Google Search grounding."""
-        queries = [q for q in grounding.get("webSearchQueries") or () if isinstance(q, str)] or [""]
+        queries = [q for q in grounding.get("webSearchQueries") or () if isinstance(q, str)] or [
+            ""
+        ]
         results = []
         for chunk in grounding.get("groundingChunks") or ():
             web = chunk.get("web") if isinstance(chunk, dict) else None
@@ -1236,10 +1366,21 @@ class ResponseFold:
                                 "title": web.get("title") or web["uri"], "encrypted_content": "",
                                 "page_age": None})
         tool_id = "srvtoolu_" + secrets.token_hex(12)
-        self._whole_block({"type": "server_tool_use", "id": tool_id, "name": self.request.web_search["name"],
-                           "input": {}}, {"query": queries[0]}, events)
-        self._whole_block({"type": "web_search_tool_result", "tool_use_id": tool_id, "content": results},
-                          None, events)
+        self._whole_block(
+            {
+                "type": "server_tool_use",
+                "id": tool_id,
+                "name": self.request.web_search["name"],
+                "input": {},
+            },
+            {"query": queries[0]},
+            events,
+        )
+        self._whole_block(
+            {"type": "web_search_tool_result", "tool_use_id": tool_id, "content": results},
+            None,
+            events,
+        )
         self.search_requests = len(queries)
 
 
@@ -1252,6 +1393,91 @@ def _stop_prefix_length(text: str, sequences: tuple) -> int:
                 keep = length
                 break
     return keep
+
+
+# == Operators: metrics =======================================================
+# Counters and histograms behind GET /metrics.
+
+class Histogram:
+    """A Prometheus histogram: cumulative bucket counts, sum and count."""
+
+    def __init__(self, buckets: tuple):
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+        self.count += 1
+        self.sum += value
+
+    def render(self, name: str, help_text: str) -> list:
+        lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+        lines += [f'{name}_bucket{{le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)]
+        return lines + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6f}",
+                        f"{name}_count {self.count}"]
+
+
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class Metrics:
+    """Counters and histograms behind GET /metrics; every update is one short locked step."""
+
+    def __init__(self):
+        self.requests: dict = {}  # (route, status, gemini model) -> count
+        self.tokens = {"input": 0, "output": 0, "cached": 0}
+        self.upstream_seconds = Histogram(LATENCY_BUCKETS)
+        self.first_chunk_seconds = Histogram(LATENCY_BUCKETS)
+        self._lock = threading.Lock()
+
+    def count_request(self, route: str, status: int, model: str, usage: dict | None) -> None:
+        with self._lock:
+            key = (route, status, model)
+            self.requests[key] = self.requests.get(key, 0) + 1
+            if usage:
+                self.tokens["input"] += usage.get("input_tokens", 0)
+                self.tokens["output"] += usage.get("output_tokens", 0)
+                self.tokens["cached"] += usage.get("cache_read_input_tokens", 0)
+
+    def observe(self, histogram: Histogram, seconds: float) -> None:
+        with self._lock:
+            histogram.observe(seconds)
+
+    def render(self, gauges: dict) -> str:
+        """Return the Prometheus text exposition, with `gauges` (name -> (type, help, value))."""
+        prefix = "claude_gemini_proxy_"
+        with self._lock:
+            lines = [f"# HELP {prefix}requests_total Requests by route, status and Gemini model.",
+                     f"# TYPE {prefix}requests_total counter"]
+            for (route, status, model), count in sorted(self.requests.items()):
+                lines.append(
+                    f'{prefix}requests_total{{route="{route}",status="{status}",'
+                    f'model="{model}"}} {count}'
+                )
+            lines += [
+                f"# HELP {prefix}tokens_total Tokens reported by Gemini.",
+                f"# TYPE {prefix}tokens_total counter",
+            ]
+            lines += [
+                f'{prefix}tokens_total{{kind="{kind}"}} {n}' for kind, n in self.tokens.items()
+            ]
+            lines += self.upstream_seconds.render(
+                prefix + "upstream_seconds", "Time to Gemini's response headers."
+            )
+            lines += self.first_chunk_seconds.render(
+                prefix + "first_chunk_seconds", "Time to Gemini's first chunk."
+            )
+        for name, (kind, help_text, value) in gauges.items():
+            lines += [
+                f"# HELP {prefix}{name} {help_text}",
+                f"# TYPE {prefix}{name} {kind}",
+                f"{prefix}{name} {value}",
+            ]
+        return "\n".join(lines) + "\n"
 
 
 # == Upstream client ==========================================================
@@ -1332,81 +1558,19 @@ class TokenCommand:
 
     def _run(self) -> None:
         try:
-            done = subprocess.run(self.command, shell=True, capture_output=True, text=True, timeout=60)
+            done = subprocess.run(
+                self.command, shell=True, capture_output=True, text=True, timeout=60
+            )
         except (OSError, subprocess.SubprocessError) as exc:
             raise ProxyError(502, "api_error", f"GEMINI_AUTH_COMMAND could not run: {exc}")
         token = done.stdout.strip()
         if done.returncode or not token:
-            raise ProxyError(502, "api_error", f"GEMINI_AUTH_COMMAND failed (exit {done.returncode})")
+            raise ProxyError(
+                502, "api_error", f"GEMINI_AUTH_COMMAND failed (exit {done.returncode})"
+            )
         self.token, self.expires = token, self.now() + self.ttl
         self.runs += 1
         log.info("GEMINI_AUTH_COMMAND gave a new token (run %d)", self.runs)
-
-
-class Histogram:
-    """A Prometheus histogram: cumulative bucket counts, sum and count."""
-
-    def __init__(self, buckets: tuple):
-        self.buckets = buckets
-        self.counts = [0] * len(buckets)
-        self.count = 0
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                self.counts[i] += 1
-        self.count += 1
-        self.sum += value
-
-    def render(self, name: str, help_text: str) -> list:
-        lines = [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
-        lines += [f'{name}_bucket{{le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)]
-        return lines + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6f}",
-                        f"{name}_count {self.count}"]
-
-
-LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-
-
-class Metrics:
-    """Counters and histograms behind GET /metrics; every update is one short locked step."""
-
-    def __init__(self):
-        self.requests: dict = {}  # (route, status, gemini model) -> count
-        self.tokens = {"input": 0, "output": 0, "cached": 0}
-        self.upstream_seconds = Histogram(LATENCY_BUCKETS)
-        self.first_chunk_seconds = Histogram(LATENCY_BUCKETS)
-        self._lock = threading.Lock()
-
-    def count_request(self, route: str, status: int, model: str, usage: dict | None) -> None:
-        with self._lock:
-            key = (route, status, model)
-            self.requests[key] = self.requests.get(key, 0) + 1
-            if usage:
-                self.tokens["input"] += usage.get("input_tokens", 0)
-                self.tokens["output"] += usage.get("output_tokens", 0)
-                self.tokens["cached"] += usage.get("cache_read_input_tokens", 0)
-
-    def observe(self, histogram: Histogram, seconds: float) -> None:
-        with self._lock:
-            histogram.observe(seconds)
-
-    def render(self, gauges: dict) -> str:
-        """Return the Prometheus text exposition, with `gauges` (name -> (type, help, value))."""
-        prefix = "claude_gemini_proxy_"
-        with self._lock:
-            lines = [f"# HELP {prefix}requests_total Requests by route, status and Gemini model.",
-                     f"# TYPE {prefix}requests_total counter"]
-            for (route, status, model), count in sorted(self.requests.items()):
-                lines.append(f'{prefix}requests_total{{route="{route}",status="{status}",model="{model}"}} {count}')
-            lines += [f"# HELP {prefix}tokens_total Tokens reported by Gemini.", f"# TYPE {prefix}tokens_total counter"]
-            lines += [f'{prefix}tokens_total{{kind="{kind}"}} {n}' for kind, n in self.tokens.items()]
-            lines += self.upstream_seconds.render(prefix + "upstream_seconds", "Time to Gemini's response headers.")
-            lines += self.first_chunk_seconds.render(prefix + "first_chunk_seconds", "Time to Gemini's first chunk.")
-        for name, (kind, help_text, value) in gauges.items():
-            lines += [f"# HELP {prefix}{name} {help_text}", f"# TYPE {prefix}{name} {kind}", f"{prefix}{name} {value}"]
-        return "\n".join(lines) + "\n"
 
 
 def _bypasses_proxy(host: str, no_proxy: str) -> bool:
@@ -1429,7 +1593,9 @@ def _egress_proxy(config: Config, scheme: str, host: str) -> tuple | None:
     parts = urllib.parse.urlsplit(proxy_url if "://" in proxy_url else "http://" + proxy_url)
     auth = None
     if parts.username:
-        credentials = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        credentials = (
+            f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        )
         auth = "Basic " + base64.b64encode(credentials.encode()).decode()
     return parts.hostname, parts.port or 80, auth
 
@@ -1447,10 +1613,14 @@ class UpstreamClient:
         self.host = base.hostname
         self.port = base.port or (443 if self.https else 80)
         self.base_path = base.path.rstrip("/")
-        self._ssl_context = None  # made on first use: loading the CA store costs ~25 ms of start-up
+        self._ssl_context = (
+            None  # made on first use: loading the CA store costs ~25 ms of start-up
+        )
         self.egress = _egress_proxy(config, base.scheme, self.host)
         self.keys = KeyRing(config.api_keys or ("",))
-        self.token_command = TokenCommand(config.auth_command, config.auth_ttl) if config.auth_command else None
+        self.token_command = (
+            TokenCommand(config.auth_command, config.auth_ttl) if config.auth_command else None
+        )
         self.connections_opened = 0
         self.retries = 0
         self._idle: list = []
@@ -1462,7 +1632,9 @@ class UpstreamClient:
         timeout = self.config.connect_timeout
         host, port = (self.egress[0], self.egress[1]) if self.egress else (self.host, self.port)
         if self.https:
-            conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=self.ssl_context())
+            conn = http.client.HTTPSConnection(
+                host, port, timeout=timeout, context=self.ssl_context()
+            )
         else:
             conn = http.client.HTTPConnection(host, port, timeout=timeout)
         if self.egress:
@@ -1488,7 +1660,9 @@ class UpstreamClient:
                 return self._idle.pop(), True
         return self._connect(), False
 
-    def release(self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse) -> None:
+    def release(
+        self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse
+    ) -> None:
         """Return a connection whose response was read to the end to the pool."""
         if response.will_close or not response.isclosed():
             conn.close()
@@ -1520,7 +1694,12 @@ class UpstreamClient:
             except (ConnectionError, http.client.HTTPException, OSError) as exc:
                 if conn:
                     conn.close()
-                if conn is not None and reused and attempt == 0 and not isinstance(exc, ssl.SSLCertVerificationError):
+                if (
+                    conn is not None
+                    and reused
+                    and attempt == 0
+                    and not isinstance(exc, ssl.SSLCertVerificationError)
+                ):
                     continue  # the pooled connection had gone stale
                 raise ProxyError(502, "api_error", f"could not reach Gemini: {exc}")
         raise AssertionError("unreachable")
@@ -1545,8 +1724,14 @@ class UpstreamClient:
             conn, response = self._send(method, self.base_path + path, payload, headers)
             elapsed = time.monotonic() - started
             self.metrics.observe(self.metrics.upstream_seconds, elapsed)
-            log.debug("upstream %s %s -> %d after %.0f ms (%d bytes sent)", method, path.split("?")[0],
-                      response.status, elapsed * 1000, len(payload or b""))
+            log.debug(
+                "upstream %s %s -> %d after %.0f ms (%d bytes sent)",
+                method,
+                path.split("?")[0],
+                response.status,
+                elapsed * 1000,
+                len(payload or b""),
+            )
             if response.status == 200:
                 return conn, response
             error = upstream_error(response.status, self._read_all(conn, response))
@@ -1591,7 +1776,9 @@ class UpstreamClient:
 
     def call_json(self, method: str, path: str, body: dict | bytes | None = None) -> dict:
         """Return the parsed JSON of a 200 answer."""
-        payload = json.dumps(body, separators=(",", ":")).encode() if isinstance(body, dict) else body
+        payload = (
+            json.dumps(body, separators=(",", ":")).encode() if isinstance(body, dict) else body
+        )
         conn, response = self.open(method, path, payload)
         data = self._read_all(conn, response)
         try:
@@ -1624,7 +1811,9 @@ class UpstreamClient:
             raise ProxyError(504, "timeout_error", "Gemini's stream stalled")
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
-            raise ProxyError(502, "api_error", f"Gemini's stream was cut off: {exc.__class__.__name__}")
+            raise ProxyError(
+                502, "api_error", f"Gemini's stream was cut off: {exc.__class__.__name__}"
+            )
         if data_lines:
             yield _parse_chunk(b"\n".join(data_lines))
         if raw_lines:
@@ -1647,13 +1836,104 @@ def model_path(model: str, method: str) -> str:
     return f"/models/{urllib.parse.quote(model, safe='')}:{method}"
 
 
+# == Model list ===============================================================
+# GET /v1/models: Gemini's model list in Anthropic shape, cached, paged.
+
+MODEL_CACHE_SECONDS = 300.0
+UNKNOWN_DATE = "1970-01-01T00:00:00Z"  # Gemini's model list has no release dates
+
+
+class ModelCatalog:
+    """Gemini's model list in Anthropic shape, fetched page by page and cached for a while."""
+
+    def __init__(self, upstream: UpstreamClient, config: Config, now=time.monotonic):
+        self.upstream = upstream
+        self.config = config
+        self.now = now
+        self._cached = (0.0, [])
+        self._lock = threading.Lock()
+
+    def models(self) -> list:
+        with self._lock:
+            expires, models = self._cached
+            if expires > self.now():
+                return models
+            models = self._fetch()
+            self._cached = (self.now() + MODEL_CACHE_SECONDS, models)
+            return models
+
+    def _fetch(self) -> list:
+        gemini, token = [], ""
+        for _page in range(100):
+            path = "/models?pageSize=1000" + (
+                f"&pageToken={urllib.parse.quote(token)}" if token else ""
+            )
+            try:
+                page = self.upstream.call_json("GET", path)
+            except ProxyError as error:
+                if getattr(error, "upstream_status", None) != 404:
+                    raise
+                break  # Vertex AI has no model list at this base: offer the table's names
+            gemini.extend(m for m in page.get("models") or () if isinstance(m, dict)
+                          and "generateContent" in (m.get("supportedGenerationMethods") or ()))
+            token = page.get("nextPageToken")
+            if not token:
+                break
+        models, by_id = [], {}
+        for model in gemini:
+            model_id = str(model.get("name", "")).replace("models/", "", 1)
+            entry = {
+                "type": "model",
+                "id": model_id,
+                "display_name": model.get("displayName") or model_id,
+                "created_at": UNKNOWN_DATE,
+                "max_input_tokens": model.get("inputTokenLimit"),
+                "max_tokens": model.get("outputTokenLimit"),
+            }
+            by_id[model_id] = entry
+            models.append(entry)
+        for name in MODEL_TABLE:
+            if name not in by_id:
+                target = by_id.get(map_model(name, self.config), {})
+                models.append(
+                    {
+                        "type": "model",
+                        "id": name,
+                        "display_name": name,
+                        "created_at": UNKNOWN_DATE,
+                        "max_input_tokens": target.get("max_input_tokens"),
+                        "max_tokens": target.get("max_tokens"),
+                    }
+                )
+        return models
+
+
+def page_models(models: list, query: dict) -> dict:
+    """Return one page of the Anthropic model list for limit / after_id / before_id."""
+    try:
+        limit = int(query.get("limit", ["20"])[0])
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= 1000:
+        raise bad_request("limit: must be an integer from 1 to 1000")
+    ids = [m["id"] for m in models]
+    after, before = query.get("after_id", [""])[0], query.get("before_id", [""])[0]
+    if before:
+        end = ids.index(before) if before in ids else 0
+        start = max(0, end - limit)
+        page, has_more = models[start:end], start > 0
+    else:
+        start = ids.index(after) + 1 if after in ids else 0
+        page, has_more = models[start:start + limit], start + limit < len(models)
+    return {"data": page, "has_more": has_more, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None}
+
+
 # == HTTP handler =============================================================
 # ProxyHandler routes requests; SSEStream writes one client stream; StreamWatch pings idle
 # streams and notices clients that left.
 
 PING_FRAME = sse_frame("ping", {"type": "ping"})
-MODEL_CACHE_SECONDS = 300.0
-UNKNOWN_DATE = "1970-01-01T00:00:00Z"  # Gemini's model list has no release dates
 
 
 class SSEStream:
@@ -1770,78 +2050,6 @@ class StreamWatch:
                     pass
 
 
-class ModelCatalog:
-    """Gemini's model list in Anthropic shape, fetched page by page and cached for a while."""
-
-    def __init__(self, upstream: UpstreamClient, config: Config, now=time.monotonic):
-        self.upstream = upstream
-        self.config = config
-        self.now = now
-        self._cached = (0.0, [])
-        self._lock = threading.Lock()
-
-    def models(self) -> list:
-        with self._lock:
-            expires, models = self._cached
-            if expires > self.now():
-                return models
-            models = self._fetch()
-            self._cached = (self.now() + MODEL_CACHE_SECONDS, models)
-            return models
-
-    def _fetch(self) -> list:
-        gemini, token = [], ""
-        for _page in range(100):
-            path = "/models?pageSize=1000" + (f"&pageToken={urllib.parse.quote(token)}" if token else "")
-            try:
-                page = self.upstream.call_json("GET", path)
-            except ProxyError as error:
-                if getattr(error, "upstream_status", None) != 404:
-                    raise
-                break  # Vertex AI has no model list at this base: offer the table's names
-            gemini.extend(m for m in page.get("models") or () if isinstance(m, dict)
-                          and "generateContent" in (m.get("supportedGenerationMethods") or ()))
-            token = page.get("nextPageToken")
-            if not token:
-                break
-        models, by_id = [], {}
-        for model in gemini:
-            model_id = str(model.get("name", "")).replace("models/", "", 1)
-            entry = {"type": "model", "id": model_id, "display_name": model.get("displayName") or model_id,
-                     "created_at": UNKNOWN_DATE, "max_input_tokens": model.get("inputTokenLimit"),
-                     "max_tokens": model.get("outputTokenLimit")}
-            by_id[model_id] = entry
-            models.append(entry)
-        for name in MODEL_TABLE:
-            if name not in by_id:
-                target = by_id.get(map_model(name, self.config), {})
-                models.append({"type": "model", "id": name, "display_name": name, "created_at": UNKNOWN_DATE,
-                               "max_input_tokens": target.get("max_input_tokens"),
-                               "max_tokens": target.get("max_tokens")})
-        return models
-
-
-def page_models(models: list, query: dict) -> dict:
-    """Return one page of the Anthropic model list for limit / after_id / before_id."""
-    try:
-        limit = int(query.get("limit", ["20"])[0])
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= 1000:
-        raise bad_request("limit: must be an integer from 1 to 1000")
-    ids = [m["id"] for m in models]
-    after, before = query.get("after_id", [""])[0], query.get("before_id", [""])[0]
-    if before:
-        end = ids.index(before) if before in ids else 0
-        start = max(0, end - limit)
-        page, has_more = models[start:end], start > 0
-    else:
-        start = ids.index(after) + 1 if after in ids else 0
-        page, has_more = models[start:start + limit], start + limit < len(models)
-    return {"data": page, "has_more": has_more, "first_id": page[0]["id"] if page else None,
-            "last_id": page[-1]["id"] if page else None}
-
-
 ROUTES = {
     "/v1/messages": ("POST", "messages"),
     "/v1/messages/count_tokens": ("POST", "count_tokens"),
@@ -1887,7 +2095,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def handle_request(self, method: str) -> None:
         server = self.server
         self.request_id = "req_" + secrets.token_hex(12)
-        threading.current_thread().name = self.request_id  # every log line of this request shows it
+        threading.current_thread().name = (
+            self.request_id
+        )  # every log line of this request shows it
         self.started_at = time.monotonic()
         self.status, self.gemini_model, self.usage = 0, "-", None
         with server.lock:
@@ -1902,7 +2112,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.close_connection = True
         except Exception:
             log.exception("request %s failed", self.request_id)
-            error = ProxyError(500, "api_error", f"the proxy failed on this request ({self.request_id})")
+            error = ProxyError(
+                500, "api_error", f"the proxy failed on this request ({self.request_id})"
+            )
             self.send_json(500, error.body(self.request_id))
         finally:
             with server.lock:
@@ -1936,8 +2148,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if authorization[:7].lower() == "bearer ":
             offered.append(authorization[7:].strip())
         if not any(hmac.compare_digest(o.encode(), token.encode()) for o in offered if o):
-            raise ProxyError(401, "authentication_error", "invalid proxy token: send PROXY_AUTH_TOKEN "
-                             "as x-api-key or Authorization: Bearer", {"x-should-retry": "false"})
+            raise ProxyError(
+                401,
+                "authentication_error",
+                "invalid proxy token: send PROXY_AUTH_TOKEN "
+                "as x-api-key or Authorization: Bearer",
+                {"x-should-retry": "false"},
+            )
 
     # -- routes -------------------------------------------------------------------
 
@@ -1949,12 +2166,23 @@ class ProxyHandler(BaseHTTPRequestHandler):
         upstream = server.upstream
         gauges = {
             "upstream_retries_total": ("counter", "Upstream calls retried.", upstream.retries),
-            "upstream_connections_opened_total": ("counter", "Upstream connections opened.",
-                                                  upstream.connections_opened),
-            "keys_resting": ("gauge", "Gemini keys resting after a 429.", upstream.keys.resting_count()),
+            "upstream_connections_opened_total": (
+                "counter",
+                "Upstream connections opened.",
+                upstream.connections_opened,
+            ),
+            "keys_resting": (
+                "gauge",
+                "Gemini keys resting after a 429.",
+                upstream.keys.resting_count(),
+            ),
             "streams_open": ("gauge", "Client streams in flight.", len(server.watch.streams)),
             "requests_in_flight": ("gauge", "Requests being served.", server.active_requests),
-            "signatures_cached": ("gauge", "Entries in the signature LRU.", len(server.signatures)),
+            "signatures_cached": (
+                "gauge",
+                "Entries in the signature LRU.",
+                len(server.signatures),
+            ),
         }
         self.send_bytes(200, server.metrics.render(gauges).encode(), "text/plain; version=0.0.4")
 
@@ -1978,13 +2206,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 inner[key] = request.body[key]
         headers = {"x-gemini-model": request.model}
         try:
-            answer = self.server.upstream.call_json("POST", model_path(request.model, "countTokens"),
-                                                    {"generateContentRequest": inner})
+            answer = self.server.upstream.call_json(
+                "POST", model_path(request.model, "countTokens"), {"generateContentRequest": inner}
+            )
             tokens = int(answer.get("totalTokens") or 0)
         except ProxyError as error:
             if getattr(error, "upstream_status", None) != 404:
                 raise
-            tokens = len(json.dumps(inner, separators=(",", ":"))) // 4  # a gateway without countTokens
+            tokens = (
+                len(json.dumps(inner, separators=(",", ":"))) // 4
+            )  # a gateway without countTokens
             headers["x-token-count-estimated"] = "true"
         self.send_json(200, {"input_tokens": tokens}, headers)
 
@@ -2008,11 +2239,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
         payload = json.dumps(request.body, separators=(",", ":"), ensure_ascii=False).encode()
         for attempt in (0, 1):
             if attempt:
-                log.debug("Gemini answered %s with nothing usable; asking once more", fold.finish_reason)
+                log.debug(
+                    "Gemini answered %s with nothing usable; asking once more", fold.finish_reason
+                )
                 fold.next_attempt()
             if live:
                 conn, response = upstream.open(
-                    "POST", model_path(request.model, "streamGenerateContent") + "?alt=sse", payload)
+                    "POST",
+                    model_path(request.model, "streamGenerateContent") + "?alt=sse",
+                    payload,
+                )
                 stream.upstream = conn
                 try:
                     stream.send([])  # headers and message_start: Gemini accepted the request
@@ -2029,7 +2265,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
                     if not response.isclosed():
                         conn.close()
             else:
-                answer = upstream.call_json("POST", model_path(request.model, "generateContent"), payload)
+                answer = upstream.call_json(
+                    "POST", model_path(request.model, "generateContent"), payload
+                )
                 events = fold.feed(answer)
                 if stream is not None:
                     stream.send(events)
@@ -2039,7 +2277,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def stream_answer(self, request: GeminiRequest, fold: ResponseFold) -> None:
         server = self.server
         stream = SSEStream(self, fold.start(), {"x-gemini-model": request.model})
-        live = server.config.stream_mode == "live" and not request.web_search  # search: blocks first
+        live = (
+            server.config.stream_mode == "live" and not request.web_search
+        )  # search: blocks first
         server.watch.add(stream)
         try:
             self.fold_answer(request, fold, stream, live)
@@ -2072,8 +2312,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
             raise bad_request("Content-Length is not a number")
         if size > limit:
             self.discard_body(size)
-            raise ProxyError(413, "request_too_large", f"request body is {size} bytes; the limit is {limit}",
-                             {"x-should-retry": "false"})
+            raise ProxyError(
+                413,
+                "request_too_large",
+                f"request body is {size} bytes; the limit is {limit}",
+                {"x-should-retry": "false"},
+            )
         data = self.rfile.read(size) if size else b""
         if len(data) < size:
             raise ClientGone()
@@ -2097,7 +2341,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
-    def response_head(self, status: int, content_type: str, length: int | None, headers: dict | None) -> bytes:
+    def response_head(
+        self, status: int, content_type: str, length: int | None, headers: dict | None
+    ) -> bytes:
         self.status = status
         phrase = self.responses.get(status, ("",))[0]
         lines = [f"HTTP/1.1 {status} {phrase}", f"Server: {self.server_version}",
@@ -2110,7 +2356,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
             lines.append(f"{name}: {value}")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
-    def send_bytes(self, status: int, body: bytes, content_type: str, headers: dict | None = None) -> None:
+    def send_bytes(
+        self, status: int, body: bytes, content_type: str, headers: dict | None = None
+    ) -> None:
         """Write headers and body in one write: two small writes meet the client's delayed ACK."""
         head = self.response_head(status, content_type, len(body), headers)
         try:
@@ -2119,19 +2367,31 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def send_json(self, status: int, body: dict, headers: dict | None = None) -> None:
-        self.send_bytes(status, json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode(),
-                        "application/json", headers)
+        self.send_bytes(
+            status,
+            json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode(),
+            "application/json",
+            headers,
+        )
 
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+    def send_error(
+        self, code: int, message: str | None = None, explain: str | None = None
+    ) -> None:
         """Answer http.server's own errors (bad request line, huge headers) in Anthropic shape."""
         self.request_id = getattr(self, "request_id", "req_" + secrets.token_hex(12))
         self.close_connection = True
         error_type = "not_found_error" if code == 404 else "invalid_request_error"
-        self.send_json(code, ProxyError(code, error_type, message or "bad request").body(self.request_id))
+        self.send_json(
+            code, ProxyError(code, error_type, message or "bad request").body(self.request_id)
+        )
 
     def log_access(self, method: str) -> None:
         path = self.path.split("?")[0]
-        route = path if path in ROUTES else "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
+        route = (
+            path
+            if path in ROUTES
+            else "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
+        )
         self.server.metrics.count_request(route, self.status, self.gemini_model, self.usage)
         usage = self.usage or {}
         log.info("%s %s %d model=%s in=%s out=%s cached=%s %.0fms %s", method, path,
@@ -2189,7 +2449,9 @@ def _read_dotenv(path: str | None) -> str:
 
 
 def serve_until_signal(server: ProxyServer) -> None:
-    """Serve; on SIGTERM/SIGINT stop accepting and let in-flight work finish (a second signal exits)."""
+    """Serve; on SIGTERM/SIGINT stop accepting and let in-flight work finish.
+
+    A second signal exits at once."""
     stopping = threading.Event()
 
     def on_signal(signum, frame):
@@ -2228,7 +2490,10 @@ def main(argv: list | None = None) -> int:
     try:
         server = build_server(config)
     except OSError as exc:
-        print(f"claude_gemini_proxy: cannot listen on {config.host}:{config.port}: {exc}", file=sys.stderr)
+        print(
+            f"claude_gemini_proxy: cannot listen on {config.host}:{config.port}: {exc}",
+            file=sys.stderr,
+        )
         return 1
     if server.upstream.token_command:
         try:
