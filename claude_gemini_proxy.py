@@ -271,6 +271,18 @@ class ProxyError(Exception):
         return error
 
 
+class UpstreamError(ProxyError):
+    """A Gemini error answer, with what retries and key rotation need to know about it."""
+
+    def __init__(self, status: int, error_type: str, message: str, headers: dict | None = None,
+                 upstream_status: int = 0, retry_delay: float | None = None,
+                 key_invalid: bool = False):
+        super().__init__(status, error_type, message, headers)
+        self.upstream_status = upstream_status
+        self.retry_delay = retry_delay  # seconds from Gemini's RetryInfo, or None
+        self.key_invalid = key_invalid  # the key (not the request) was refused
+
+
 class ClientGone(Exception):
     """The client closed its connection; stop working for it."""
 
@@ -308,8 +320,8 @@ def parse_retry_delay(error: dict) -> float | None:
     return None
 
 
-def upstream_error(status: int, payload: bytes) -> ProxyError:
-    """Return the ProxyError for a Gemini error response."""
+def upstream_error(status: int, payload: bytes) -> UpstreamError:
+    """Return the UpstreamError for a Gemini error response."""
     try:
         error = json.loads(payload)
         if isinstance(error, list) and error:
@@ -321,24 +333,31 @@ def upstream_error(status: int, payload: bytes) -> ProxyError:
     client_status, error_type = UPSTREAM_ERRORS.get(
         status, (500, "api_error") if status >= 500 else (400, "invalid_request_error"))
     headers = {}
+    key_invalid = status == 401 or "API_KEY_INVALID" in json.dumps(error)
+    retry_delay = parse_retry_delay(error)
     overflow = CONTEXT_OVERFLOW_RE.search(message)
     if overflow:
         message = f"prompt is too long: {overflow.group(1)} tokens > {overflow.group(2)} maximum"
-    elif status in (401, 403) or (status == 400 and "API_KEY_INVALID" in json.dumps(error)):
+    elif status in (401, 403) or key_invalid:
         client_status, error_type = 403, "permission_error"
         message = f"Gemini rejected the proxy's API key: {message}"
     else:
         message = f"Gemini: {message}" if message else f"Gemini answered HTTP {status}"
     if client_status in (429, 529):
-        delay = parse_retry_delay(error)
-        headers["retry-after"] = str(max(1, int(delay + 0.999)) if delay else DEFAULT_RETRY_AFTER)
+        wait = int(retry_delay + 0.999) if retry_delay else DEFAULT_RETRY_AFTER
+        headers["retry-after"] = str(max(1, wait))
     if status in NOT_RETRYABLE:
         headers["x-should-retry"] = "false"
-    proxy_error = ProxyError(client_status, error_type, message, headers)
-    proxy_error.retry_delay = parse_retry_delay(error)
-    proxy_error.upstream_status = status
-    proxy_error.key_invalid = "API_KEY_INVALID" in json.dumps(error) or status == 401
-    return proxy_error
+    return UpstreamError(client_status, error_type, message, headers, upstream_status=status,
+                         retry_delay=retry_delay, key_invalid=key_invalid)
+
+
+def transport_error(exc: Exception, doing: str) -> ProxyError:
+    """Return the error for a failed upstream socket step: a timeout is 504, the rest 502."""
+    if isinstance(exc, socket.timeout):
+        return ProxyError(504, "timeout_error", f"Gemini did not answer in time ({doing})")
+    return ProxyError(502, "api_error", f"Gemini failed while {doing}: "
+                      f"{exc.__class__.__name__} {exc}".rstrip())
 
 
 def bad_request(message: str) -> ProxyError:
@@ -1682,26 +1701,19 @@ class UpstreamClient:
     def _send(self, method: str, path: str, payload: bytes | None, headers: dict) -> tuple:
         """Return (connection, response); a reused connection that fails is replaced once."""
         for attempt in (0, 1):
-            conn = None
+            conn, reused = None, False
             try:
                 conn, reused = self._checkout() if attempt == 0 else (self._connect(), False)
                 conn.request(method, path, body=payload, headers=headers)
                 return conn, conn.getresponse()
-            except socket.timeout:
+            except (http.client.HTTPException, OSError) as exc:
                 if conn:
                     conn.close()
-                raise ProxyError(504, "timeout_error", "Gemini did not answer in time")
-            except (ConnectionError, http.client.HTTPException, OSError) as exc:
-                if conn:
-                    conn.close()
-                if (
-                    conn is not None
-                    and reused
-                    and attempt == 0
-                    and not isinstance(exc, ssl.SSLCertVerificationError)
-                ):
-                    continue  # the pooled connection had gone stale
-                raise ProxyError(502, "api_error", f"could not reach Gemini: {exc}")
+                stale = reused and attempt == 0 and not isinstance(
+                    exc, (socket.timeout, ssl.SSLCertVerificationError))
+                if not stale:
+                    raise transport_error(exc, "connecting") from None
+                # the pooled connection had gone stale: once more on a fresh one
         raise AssertionError("unreachable")
 
     # -- requests ---------------------------------------------------------------
@@ -1768,9 +1780,7 @@ class UpstreamClient:
             payload = response.read()
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
-            if isinstance(exc, socket.timeout):
-                raise ProxyError(504, "timeout_error", "Gemini did not answer in time")
-            raise ProxyError(502, "api_error", f"Gemini's answer was cut off: {exc}")
+            raise transport_error(exc, "reading its answer") from None
         self.release(conn, response)
         return payload
 
@@ -1806,14 +1816,9 @@ class UpstreamClient:
                     data_lines.append(line[6:] if line[5:6] == b" " else line[5:])
                 elif not line.startswith((b":", b"event:", b"id:", b"retry:")):
                     raw_lines.append(line)  # an error may come as raw, multi-line JSON
-        except socket.timeout:
-            conn.close()
-            raise ProxyError(504, "timeout_error", "Gemini's stream stalled")
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
-            raise ProxyError(
-                502, "api_error", f"Gemini's stream was cut off: {exc.__class__.__name__}"
-            )
+            raise transport_error(exc, "streaming") from None
         if data_lines:
             yield _parse_chunk(b"\n".join(data_lines))
         if raw_lines:
@@ -1871,7 +1876,7 @@ class ModelCatalog:
             try:
                 page = self.upstream.call_json("GET", path)
             except ProxyError as error:
-                if getattr(error, "upstream_status", None) != 404:
+                if not isinstance(error, UpstreamError) or error.upstream_status != 404:
                     raise
                 break  # Vertex AI has no model list at this base: offer the table's names
             gemini.extend(m for m in page.get("models") or () if isinstance(m, dict)
@@ -2137,7 +2142,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                              {"Allow": wanted})
         if action != "health":
             self.authorize()
-        getattr(self, "do_" + action)(path, urllib.parse.parse_qs(parts.query))
+        getattr(self, "serve_" + action)(path, urllib.parse.parse_qs(parts.query))
 
     def authorize(self) -> None:
         token = self.server.config.proxy_auth_token
@@ -2158,10 +2163,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     # -- routes -------------------------------------------------------------------
 
-    def do_health(self, path: str, query: dict) -> None:
+    def serve_health(self, path: str, query: dict) -> None:
         self.send_json(200, {"status": "ok"})
 
-    def do_metrics(self, path: str, query: dict) -> None:
+    def serve_metrics(self, path: str, query: dict) -> None:
         server = self.server
         upstream = server.upstream
         gauges = {
@@ -2186,10 +2191,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         }
         self.send_bytes(200, server.metrics.render(gauges).encode(), "text/plain; version=0.0.4")
 
-    def do_list_models(self, path: str, query: dict) -> None:
+    def serve_list_models(self, path: str, query: dict) -> None:
         self.send_json(200, page_models(self.server.models.models(), query))
 
-    def do_get_model(self, path: str, query: dict) -> None:
+    def serve_get_model(self, path: str, query: dict) -> None:
         model_id = urllib.parse.unquote(path[len("/v1/models/"):])
         for model in self.server.models.models():
             if model["id"] == model_id:
@@ -2197,7 +2202,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 return
         raise ProxyError(404, "not_found_error", f"model: {model_id} was not found")
 
-    def do_count_tokens(self, path: str, query: dict) -> None:
+    def serve_count_tokens(self, path: str, query: dict) -> None:
         request = to_gemini_request(self.read_json(), self.server.config, self.server.signatures)
         self.gemini_model = request.model
         inner = {"model": f"models/{request.model}"}
@@ -2211,7 +2216,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             )
             tokens = int(answer.get("totalTokens") or 0)
         except ProxyError as error:
-            if getattr(error, "upstream_status", None) != 404:
+            if not isinstance(error, UpstreamError) or error.upstream_status != 404:
                 raise
             tokens = (
                 len(json.dumps(inner, separators=(",", ":"))) // 4
@@ -2219,7 +2224,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             headers["x-token-count-estimated"] = "true"
         self.send_json(200, {"input_tokens": tokens}, headers)
 
-    def do_messages(self, path: str, query: dict) -> None:
+    def serve_messages(self, path: str, query: dict) -> None:
         server = self.server
         request = to_gemini_request(self.read_json(), server.config, server.signatures)
         self.gemini_model = request.model

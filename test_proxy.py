@@ -1166,6 +1166,22 @@ def test_garbage_request_line_gets_an_anthropic_shaped_400(proxy):
     assert request(proxy, "GET", "/health").status == 200
 
 
+@pytest.mark.parametrize("method", [b"messages", b"health", b"count_tokens", b"serve_messages"])
+def test_route_names_are_not_http_methods(proxy, caplog, method):
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(method + b" / HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply = b""
+        while b"}}" not in reply:
+            piece = sock.recv(4096)
+            if not piece:
+                break
+            reply += piece
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 501") and json.loads(body)["type"] == "error"
+    assert "Traceback" not in caplog.text and "TypeError" not in caplog.text
+    assert request(proxy, "GET", "/health").status == 200
+
+
 def test_keep_alive_serves_several_requests_on_one_connection(gemini, proxy):
     conn = proxy.connect()
     for _ in range(3):
