@@ -1846,6 +1846,17 @@ def model_path(model: str, method: str) -> str:
 
 MODEL_CACHE_SECONDS = 300.0
 UNKNOWN_DATE = "1970-01-01T00:00:00Z"  # Gemini's model list has no release dates
+# Gemini's Model objects carry no stage, so the lifecycle comes from Google's deprecations page
+# and changelog: model id -> (lifecycle, deprecated_at).
+MODEL_LIFECYCLE = {
+    "gemini-3.5-flash": ("deprecated", "2026-10-08T00:00:00Z"),  # served by 3.6 Flash
+    "gemini-3.7-flash": ("deprecated", "2026-10-08T00:00:00Z"),  # served by 3.8 Flash
+    "gemini-2.5-pro": ("retired", "2026-12-01T00:00:00Z"),
+    "gemini-2.5-flash": ("retired", "2026-12-01T00:00:00Z"),
+    "gemini-3-pro-preview": ("retired", "2026-03-09T00:00:00Z"),
+    "gemini-2.0-flash": ("retired", "2026-06-01T00:00:00Z"),
+}
+LIFECYCLES = ("active", "deprecated", "retired")
 
 
 class ModelCatalog:
@@ -1886,41 +1897,73 @@ class ModelCatalog:
                 break
         models, by_id = [], {}
         for model in gemini:
-            model_id = str(model.get("name", "")).replace("models/", "", 1)
-            entry = {
-                "type": "model",
-                "id": model_id,
-                "display_name": model.get("displayName") or model_id,
-                "created_at": UNKNOWN_DATE,
-                "max_input_tokens": model.get("inputTokenLimit"),
-                "max_tokens": model.get("outputTokenLimit"),
-            }
-            by_id[model_id] = entry
+            entry = _model_info(model)
+            by_id[entry["id"]] = entry
             models.append(entry)
         for name in MODEL_TABLE:
             if name not in by_id:
-                target = by_id.get(map_model(name, self.config), {})
-                models.append(
-                    {
-                        "type": "model",
-                        "id": name,
-                        "display_name": name,
-                        "created_at": UNKNOWN_DATE,
-                        "max_input_tokens": target.get("max_input_tokens"),
-                        "max_tokens": target.get("max_tokens"),
-                    }
-                )
+                target = by_id.get(map_model(name, self.config)) or _model_info({})
+                models.append(dict(target, id=name, display_name=name))
         return models
 
 
+def _model_info(gemini_model: dict) -> dict:
+    """Return the Anthropic ModelInfo for one entry of Gemini's model list."""
+    model_id = str(gemini_model.get("name", "")).replace("models/", "", 1)
+    lifecycle, since = MODEL_LIFECYCLE.get(model_id, ("active", None))
+    entry = {
+        "type": "model",
+        "id": model_id,
+        "display_name": gemini_model.get("displayName") or model_id,
+        "created_at": UNKNOWN_DATE,
+        "lifecycle": lifecycle,
+        "deprecated_at": since,
+        "max_input_tokens": gemini_model.get("inputTokenLimit"),
+        "max_tokens": gemini_model.get("outputTokenLimit"),
+    }
+    if model_id:
+        entry["capabilities"] = _capabilities(gemini_model, model_id)
+    return entry
+
+
+def _support(flag) -> dict:
+    return {"supported": bool(flag)}
+
+
+def _capabilities(gemini_model: dict, model_id: str) -> dict:
+    """Return ModelInfo.capabilities: what Gemini's list says, as this proxy can relay it."""
+    thinks = gemini_model.get("thinking") is True
+    multimodal = model_id.startswith("gemini-")  # every Gemini model reads images and PDFs
+    batch = "batchGenerateContent" in (gemini_model.get("supportedGenerationMethods") or ())
+    levels = {level: _support(thinks) for level in ("low", "medium", "high", "xhigh", "max")}
+    return {
+        "batch": _support(batch and "/v1/messages/batches" in ROUTES),
+        "citations": _support(False),  # document citations have no Gemini counterpart
+        "code_execution": _support(False),  # no programmatic tool calling from Gemini's sandbox
+        "context_management": {"supported": False},
+        "effort": dict(levels, supported=thinks),
+        "image_input": _support(multimodal),
+        "pdf_input": _support(multimodal),
+        "server_tools": {"supported": multimodal, "web_search": _support(multimodal),
+                         "code_execution": _support(multimodal)},
+        "structured_outputs": _support(multimodal),
+        # disabled and between_tools are accepted (never a 400), as the SDK type defines them
+        "thinking": {"supported": thinks, "types": {
+            "adaptive": _support(thinks), "enabled": _support(thinks),
+            "disabled": _support(True), "between_tools": _support(True)}},
+    }
+
+
 def page_models(models: list, query: dict) -> dict:
-    """Return one page of the Anthropic model list for limit / after_id / before_id."""
+    """Return one page of the Anthropic model list for lifecycle / limit / after_id / before_id."""
     try:
         limit = int(query.get("limit", ["20"])[0])
     except ValueError:
         limit = 0
     if not 1 <= limit <= 1000:
         raise bad_request("limit: must be an integer from 1 to 1000")
+    wanted = _lifecycle_filter(query)
+    models = [m for m in models if m["lifecycle"] in wanted]
     ids = [m["id"] for m in models]
     after, before = query.get("after_id", [""])[0], query.get("before_id", [""])[0]
     if before:
@@ -1932,6 +1975,17 @@ def page_models(models: list, query: dict) -> dict:
         page, has_more = models[start:start + limit], start + limit < len(models)
     return {"data": page, "has_more": has_more, "first_id": page[0]["id"] if page else None,
             "last_id": page[-1]["id"] if page else None}
+
+
+def _lifecycle_filter(query: dict) -> set:
+    """Return the lifecycles a list asks for; retired models only when asked by name."""
+    # The SDK sends lifecycle[]=a&lifecycle[]=b; curl users write lifecycle=a,b.
+    values = [v for raw in query.get("lifecycle[]", []) + query.get("lifecycle", [])
+              for v in raw.split(",") if v]
+    for value in values:
+        if value not in LIFECYCLES:
+            raise bad_request(f"lifecycle: {value!r} is not one of {', '.join(LIFECYCLES)}")
+    return set(values) or {"active", "deprecated"}
 
 
 # == HTTP handler =============================================================

@@ -86,11 +86,16 @@ class FakeGemini:
         self.connections = 0
         self.models = [
             {"name": "models/gemini-3.5-flash", "displayName": "Gemini 3.5 Flash", "inputTokenLimit": 1048576,
-             "outputTokenLimit": 65536, "supportedGenerationMethods": ["generateContent", "countTokens"]},
+             "outputTokenLimit": 65536, "supportedGenerationMethods": ["generateContent", "countTokens"],
+             "thinking": True},
             {"name": "models/gemini-3.1-pro-preview", "displayName": "Gemini 3.1 Pro",
              "inputTokenLimit": 1048576, "outputTokenLimit": 65536,
-             "supportedGenerationMethods": ["generateContent"]},
+             "supportedGenerationMethods": ["generateContent"], "thinking": True},
             {"name": "models/embedding-001", "supportedGenerationMethods": ["embedContent"]},
+            {"name": "models/gemini-2.5-flash", "displayName": "Gemini 2.5 Flash", "inputTokenLimit": 1048576,
+             "outputTokenLimit": 65536, "supportedGenerationMethods": ["generateContent"], "thinking": True},
+            {"name": "models/gemma-3-27b-it", "displayName": "Gemma 3 27B", "inputTokenLimit": 131072,
+             "outputTokenLimit": 8192, "supportedGenerationMethods": ["generateContent"]},
         ]
         self.count_tokens_status = 200
         self.lock = threading.Lock()
@@ -1232,6 +1237,73 @@ def test_models_list_pages_gemini_and_adds_table_names(gemini, proxy):
     before = request(proxy, "GET", f"/v1/models?limit=1&before_id={ids[2]}")
     assert [m["id"] for m in before.json["data"]] == [ids[1]]
     assert len([r for r in gemini.requests if r[0] == "GET"]) == 2  # cached
+
+
+# What the SDK's ModelInfo (anthropic 2.x types/model_info.py, model_capabilities.py) requires.
+MODEL_INFO_KEYS = {"type", "id", "display_name", "created_at", "lifecycle", "deprecated_at",
+                   "max_input_tokens", "max_tokens", "capabilities"}
+CAPABILITY_KEYS = {"batch", "citations", "code_execution", "context_management", "effort", "image_input",
+                   "pdf_input", "server_tools", "structured_outputs", "thinking"}
+
+
+def assert_model_info(model):
+    """Check one model object against ModelInfo's fields and types, as strict SDK validation does."""
+    assert set(model) == MODEL_INFO_KEYS, model
+    assert model["type"] == "model" and model["lifecycle"] in ("active", "deprecated", "retired")
+    assert model["created_at"].endswith("Z") and isinstance(model["display_name"], str)
+    assert (model["deprecated_at"] is None) == (model["lifecycle"] == "active")
+    caps = model["capabilities"]
+    assert set(caps) == CAPABILITY_KEYS
+    for key in ("batch", "citations", "code_execution", "image_input", "pdf_input", "structured_outputs"):
+        assert set(caps[key]) == {"supported"} and isinstance(caps[key]["supported"], bool)
+    assert set(caps["effort"]) == {"supported", "low", "medium", "high", "xhigh", "max"}
+    assert set(caps["server_tools"]) == {"supported", "web_search", "code_execution"}
+    assert set(caps["thinking"]) == {"supported", "types"}
+    assert set(caps["thinking"]["types"]) == {"adaptive", "enabled", "disabled", "between_tools"}
+    assert caps["context_management"] == {"supported": False}
+
+
+def test_models_carry_lifecycle_and_capabilities_from_gemini_list(gemini, proxy):
+    answer = request(proxy, "GET", "/v1/models?limit=1000")
+    models = {m["id"]: m for m in answer.json["data"]}
+    assert len(models) == 6 and "gemini-2.5-flash" not in models  # retired: only when asked
+    for model in models.values():
+        assert_model_info(model)
+    flash, pro, gemma = models["gemini-3.5-flash"], models["gemini-3.1-pro-preview"], models["gemma-3-27b-it"]
+    assert flash["lifecycle"] == "deprecated" and flash["deprecated_at"] == "2026-10-08T00:00:00Z"
+    assert pro["lifecycle"] == "active" and pro["capabilities"]["thinking"]["supported"] is True
+    assert pro["capabilities"]["image_input"] == {"supported": True}
+    assert pro["capabilities"]["server_tools"]["web_search"] == {"supported": True}
+    assert gemma["capabilities"]["thinking"]["supported"] is False
+    assert gemma["capabilities"]["pdf_input"] == {"supported": False}
+    assert gemma["capabilities"]["effort"]["high"] == {"supported": False}
+    alias = models["Claude Opus 4.6"]  # a routing-table name describes the model it routes to
+    assert alias["lifecycle"] == "deprecated" and alias["capabilities"] == flash["capabilities"]
+    assert alias["display_name"] == "Claude Opus 4.6" and alias["max_tokens"] == 65536
+    gets = [r[1] for r in gemini.requests if r[0] == "GET"]
+    assert gets == ["/v1beta/models?pageSize=1000", "/v1beta/models?pageSize=1000&pageToken=p2"]
+
+
+def test_lifecycle_query_filters_the_model_list(gemini, proxy):
+    def ids(query):
+        answer = request(proxy, "GET", "/v1/models?limit=1000&" + query)
+        assert answer.status == 200, answer.raw
+        return [m["id"] for m in answer.json["data"]]
+
+    assert ids("lifecycle[]=retired") == ["gemini-2.5-flash"]  # the SDK's list encoding
+    assert ids("lifecycle=deprecated") == ["gemini-3.5-flash", "Kimi-K2.5", "Claude Sonnet 4.6",
+                                           "Claude Opus 4.6"]
+    assert ids("lifecycle[]=active&lifecycle[]=retired") == ["gemini-3.1-pro-preview", "gemini-2.5-flash",
+                                                             "gemma-3-27b-it"]
+    assert len(ids("lifecycle=active,deprecated,retired")) == 7
+    page = request(proxy, "GET", "/v1/models?lifecycle=active&limit=1")
+    assert [m["id"] for m in page.json["data"]] == ["gemini-3.1-pro-preview"] and page.json["has_more"]
+    bad = request(proxy, "GET", "/v1/models?lifecycle=gone")
+    assert bad.status == 400 and "lifecycle" in bad.json["error"]["message"]
+    retired = request(proxy, "GET", "/v1/models/gemini-2.5-flash")  # retrieve finds any stage
+    assert retired.status == 200 and retired.json["lifecycle"] == "retired"
+    assert_model_info(retired.json)
+    assert len([r for r in gemini.requests if r[0] == "GET"]) == 2  # one cached list serves all
 
 
 def test_get_one_model_or_404(gemini, proxy):
