@@ -698,6 +698,41 @@ def _base64_data(source: dict, where: str) -> str:
     return data
 
 
+# Blocks the Messages API takes in history that Gemini has no use for: server-side artefacts,
+# and directives read elsewhere (tool_addition / tool_removal by _tool_changes).
+SILENT_BLOCKS = frozenset((
+    "redacted_thinking", "server_tool_use", "web_search_tool_result", "web_fetch_tool_result",
+    "code_execution_tool_result", "bash_code_execution_tool_result",
+    "text_editor_code_execution_tool_result", "tool_search_tool_result", "mcp_tool_use",
+    "mcp_tool_result", "container_upload", "fallback", "advisor_tool_result", "tool_addition",
+    "tool_removal",
+))
+WARNED_BLOCK_TYPES_LIMIT = 64  # a client inventing types cannot flood the log
+_warned_block_types: set = set()
+
+
+def _other_block_parts(block: dict) -> list:
+    """Return the text parts for a block no ladder handles; never a 400, never silent text loss."""
+    kind = block["type"]
+    if kind == "search_result":  # {source, title, content: [text]}
+        inner = "\n".join(
+            c["text"] for c in block.get("content") or () if isinstance(c, dict)
+            and isinstance(c.get("text"), str)
+        )
+        return [{"text": f"{block.get('title', '')} ({block.get('source', '')})\n{inner}"}]
+    if kind == "compaction":  # {content: summary or null (a failed compaction: a no-op)}
+        return [{"text": block["content"]}] if isinstance(block.get("content"), str) \
+            and block["content"] else []
+    if kind in SILENT_BLOCKS:
+        return []
+    if isinstance(block.get("text"), str):  # a block type newer than this proxy
+        return [{"text": block["text"]}] if block["text"] else []
+    if kind not in _warned_block_types and len(_warned_block_types) < WARNED_BLOCK_TYPES_LIMIT:
+        _warned_block_types.add(kind)
+        log.warning("content blocks of type %r are not understood and are left out", kind[:64])
+    return []
+
+
 def _tool_result_parts(block: dict, call: tuple | None, new_media: bool, where: str) -> tuple:
     """Return (functionResponse part, parts to place after the responses) for a tool_result."""
     content = block.get("content")
@@ -715,13 +750,8 @@ def _tool_result_parts(block: dict, call: tuple | None, new_media: bool, where: 
                     texts.append(part["text"])
                 else:
                     media.append(part)
-        elif kind == "search_result":  # {source, title, content: [text]}
-            inner = "\n".join(
-                c.get("text", "") for c in item.get("content") or () if isinstance(c, dict)
-            )
-            texts.append(f"{item.get('title', '')} ({item.get('source', '')})\n{inner}")
         else:
-            texts.append(json.dumps(item, ensure_ascii=False))
+            texts.extend(part["text"] for part in _other_block_parts(item))
     text = "\n".join(texts)
     if call is None:  # no matching tool_use just before: keep the result as plain text
         return None, [{"text": f"[tool result {block.get('tool_use_id')}]\n{text}"}] + media
@@ -794,7 +824,8 @@ class _HistoryTranslator:
                                   "thoughtSignature": carried.signature})
             elif kind == "tool_use":  # {id, name, input}
                 parts.append(self._call_part(block, f"{where}.content.{i}"))
-            # redacted_thinking, server_tool_use and server results have no Gemini form
+            else:  # compaction, server artefacts, newer blocks
+                parts.extend(_other_block_parts(block))
         return parts
 
     def _call_part(self, block: dict, where: str) -> dict:
@@ -832,8 +863,8 @@ class _HistoryTranslator:
                 else:
                     responses[tool_id] = response
                     after.extend(extra)
-            elif kind == "search_result":
-                parts.extend(_tool_result_parts({"content": [block]}, None, False, here)[1])
+            else:  # search_result, compaction, server artefacts, newer blocks
+                parts.extend(_other_block_parts(block))
         # Gemini wants one response per call, in call order, before the turn's other parts.
         ordered = [
             responses.get(tool_id)
@@ -870,36 +901,60 @@ class _HistoryTranslator:
         return contents
 
 
-def _loaded_tool_names(messages: list) -> set:
-    """Return the deferred tools a tool_reference in the history has loaded."""
-    loaded = set()
+def _tool_changes(messages: list):
+    """Yield (tool reference, True to offer / False to withdraw) in conversation order."""
     for message in messages:
         content = message.get("content") if isinstance(message, dict) else None
-        if not isinstance(content, list):
-            continue
-        for block in content:
-            if isinstance(block, dict) and block.get("type") == "tool_result":
-                for item in block.get("content") if isinstance(block.get("content"), list) else ():
+        for block in content if isinstance(content, list) else ():
+            kind = block.get("type") if isinstance(block, dict) else None
+            if kind == "tool_result" and isinstance(block.get("content"), list):
+                for item in block["content"]:  # Claude Code's tool search loaded a tool
                     if isinstance(item, dict) and item.get("type") == "tool_reference":
-                        loaded.add(item.get("tool_name"))
-    return loaded
+                        yield {"type": "tool_reference", "name": item.get("tool_name")}, True
+            elif kind in ("tool_addition", "tool_removal") and isinstance(block.get("tool"), dict):
+                yield block["tool"], kind == "tool_addition"
+            elif kind == "compaction" and isinstance(block.get("tool_changes"), list):
+                yield from _tool_changes([{"content": block["tool_changes"]}])
+
+
+def _offered_tools(tools: list, messages: list) -> tuple:
+    """Return (name -> offered now, the request's tools plus inline definitions) after the
+    history's tool changes: the last change of a tool wins."""
+    tools = list(tools)
+    names = [t.get("name") for t in tools if isinstance(t, dict)]
+    offered = {}
+    for ref, offer in _tool_changes(messages):
+        kind = ref.get("type")
+        if kind == "tool_definition" and isinstance(ref.get("definition"), dict):
+            definition = ref["definition"]  # {definition: a tools entry} (inline-tools beta)
+            if isinstance(definition.get("name"), str) and definition["name"] not in names:
+                tools.append(definition)
+                names.append(definition.get("name"))
+            changed = [definition.get("name")]
+        elif kind == "mcp_tool_reference":  # {server_name, name}: Claude Code's mcp__s__t
+            changed = [f"mcp__{ref.get('server_name')}__{ref.get('name')}"]
+        elif kind == "mcp_toolset_reference":  # {server_name}: all of that server's tools
+            prefix = f"mcp__{ref.get('server_name')}__"
+            changed = [n for n in names if isinstance(n, str) and n.startswith(prefix)]
+        else:  # tool_reference {name}
+            changed = [ref.get("name")]
+        offered.update(dict.fromkeys(changed, offer))
+    return offered, tools
 
 
 def _function_declarations(tools: list, messages: list) -> tuple:
     """Return (declarations, gemini->client names, server tools by name) for a tools list."""
     declarations, names, server_tools = [], {}, {}
-    loaded = None
+    offered, tools = _offered_tools(tools, messages)
     for i, tool in enumerate(tools):
         if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
             raise bad_request(f"tools.{i}: must be an object with a name")
+        if not offered.get(tool["name"], not tool.get("defer_loading")):
+            continue  # deferred until a tool_reference or tool_addition, or removed since
         kind = tool.get("type")
         if kind and kind != "custom" and "input_schema" not in tool:  # server or typed tool
             server_tools[tool["name"]] = tool
             continue
-        if tool.get("defer_loading"):  # tool search: declared once a tool_reference loads it
-            loaded = _loaded_tool_names(messages) if loaded is None else loaded
-            if tool["name"] not in loaded:
-                continue
         schema = tool.get("input_schema")
         schema = schema if isinstance(schema, dict) else {"type": "object", "properties": {}}
         if "$schema" in schema:  # the one keyword parametersJsonSchema rejects

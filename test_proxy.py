@@ -2476,3 +2476,99 @@ def test_prompt_prefix_is_byte_stable_from_turn_to_turn(gemini, proxy):
         previous = json.dumps(before["contents"])[:-1]
         assert json.dumps(after["contents"]).startswith(previous)  # earlier turns resent byte for byte
     assert all("cc_version" not in raw for raw in raw_bodies)
+
+
+# == Messages API surface, late 2026: new blocks ==============================
+# Shapes from the anthropic 2.x SDK's types (types/beta/beta_request_tool_addition_block_param.py,
+# beta_search_result_block_param.py, beta_compaction_block_param.py, beta_fallback_block_param.py).
+
+MCP_TOOLS = [dict(CC_WEBFETCH, name=f"mcp__github__{name}", description=f"GitHub {name}.")
+             for name in ("create_issue", "list_issues")]
+INLINE_CLOCK = {"name": "Clock", "description": "Tells the time.",
+                "input_schema": {"type": "object", "properties": {"zone": {"type": "string"}}}}
+
+
+def tool_change(kind, tool):
+    return {"role": "system", "content": [{"type": kind, "tool": tool}]}
+
+
+def test_tool_addition_declares_deferred_tools_and_tool_removal_withdraws_them(gemini, proxy):
+    tools = CC_TOOLS[:2] + [CC_WEBFETCH] + MCP_TOOLS
+    history = CC_FIRST_MESSAGES + [
+        tool_change("tool_addition", {"type": "tool_reference", "name": "WebFetch"}),
+        {"role": "assistant", "content": [{"type": "text", "text": "WebFetch is ready."}]},
+        {"role": "user", "content": "Now use GitHub, and stop using Bash."},
+        tool_change("tool_addition", {"type": "mcp_toolset_reference", "server_name": "github"}),
+        tool_change("tool_removal", {"type": "tool_reference", "name": "Bash"}),
+        tool_change("tool_addition", {"type": "tool_definition", "definition": INLINE_CLOCK})]
+    gemini.script = [Reply(chunk(call("mcp__github__create_issue", {"url": "u", "prompt": "p"}), finish="STOP"))]
+    _, message = cc_stream(proxy, claude_code_request(history, tools=tools))
+    sent = gemini.bodies[-1]
+    assert declared(sent) == ["ToolSearch", "WebFetch", "mcp__github__create_issue", "mcp__github__list_issues",
+                              "Clock"]
+    clock = sent["tools"][0]["functionDeclarations"][-1]
+    assert clock["parametersJsonSchema"] == INLINE_CLOCK["input_schema"]
+    assert message["content"][-1]["name"] == "mcp__github__create_issue" and message["stop_reason"] == "tool_use"
+    assert "tool_addition" not in json.dumps(sent)  # directives are read, never sent as text
+    later = history + [
+        {"role": "assistant", "content": [{"type": "text", "text": "Done."}]},
+        {"role": "user", "content": "Drop WebFetch and one GitHub tool; bring Bash back."},
+        tool_change("tool_removal", {"type": "tool_reference", "name": "WebFetch"}),
+        tool_change("tool_removal", {"type": "mcp_tool_reference", "server_name": "github", "name": "list_issues"}),
+        tool_change("tool_addition", {"type": "tool_reference", "name": "Bash"})]
+    _, message = cc_stream(proxy, claude_code_request(later, tools=tools))
+    assert declared(gemini.bodies[-1]) == ["Bash", "ToolSearch", "mcp__github__create_issue", "Clock"]
+    assert message["stop_reason"] == "end_turn"
+
+
+def test_compaction_tool_changes_count_as_tool_changes(gemini, proxy):
+    compaction = {"type": "compaction", "content": "Summary: WebFetch was loaded.", "encrypted_content": "e",
+                  "tool_changes": [{"type": "tool_addition", "tool": {"type": "tool_reference", "name": "WebFetch"}}]}
+    history = [{"role": "assistant", "content": [compaction]}, {"role": "user", "content": "Go on."}]
+    _, message = cc_stream(proxy, claude_code_request(history, tools=CC_TOOLS[:2] + [CC_WEBFETCH]))
+    sent = gemini.bodies[-1]
+    assert declared(sent) == ["Bash", "ToolSearch", "WebFetch"]
+    assert sent["contents"][1] == {"role": "model", "parts": [{"text": "Summary: WebFetch was loaded."}]}
+    assert message["content"][-1]["text"] == "Hello from Gemini."
+
+
+def test_search_results_compaction_and_server_artefacts_become_text_or_are_dropped(gemini, proxy, caplog):
+    caplog.set_level("WARNING", logger="claude_gemini_proxy")
+    odd = "hologram_" + secrets.token_hex(3)  # warnings are once per process: a type no other test used
+    search = {"type": "search_result", "source": "https://docs.example/a", "title": "Doc A",
+              "content": [{"type": "text", "text": "A says 42."}], "citations": {"enabled": True}}
+    body = messages_body(messages=[
+        {"role": "user", "content": [
+            {"type": "text", "text": "Look this up."}, search,
+            {"type": "container_upload", "file_id": "file_1"}]},
+        {"role": "assistant", "content": [
+            {"type": "compaction", "content": None, "encrypted_content": "x"},
+            {"type": "compaction", "content": "Earlier: the user asked about A."},
+            {"type": "fallback", "from": {"model": "claude-opus-5"}, "to": {"model": "claude-sonnet-5"},
+             "trigger": None},
+            {"type": "server_tool_use", "id": "srvtoolu_1", "name": "web_search", "input": {"query": "a"}},
+            {"type": "web_search_tool_result", "tool_use_id": "srvtoolu_1", "content": []},
+            {"type": "advisor_tool_result", "tool_use_id": "srvtoolu_2",
+             "content": {"type": "advisor_result", "text": "secret advice", "stop_reason": "end_turn"}},
+            {"type": "redacted_thinking", "data": "abc"},
+            {"type": "tool_use", "id": "toolu_s1", "name": "lookup", "input": {}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_s1", "content": [search]},
+            {"type": "future_note", "text": "Keep answers short."},
+            {"type": odd, "payload": {"x": 1}}]}])
+    for _ in range(2):
+        answer = post(proxy, body)
+        assert answer.status == 200, answer.raw
+        assert answer.json["content"] == [{"type": "text", "text": "Hello from Gemini."}]
+    user, model, last = gemini.bodies[-1]["contents"]
+    assert user["parts"] == [{"text": "Look this up."}, {"text": "Doc A (https://docs.example/a)\nA says 42."}]
+    assert model["parts"][0] == {"text": "Earlier: the user asked about A."}
+    assert [list(p) for p in model["parts"]] == [["text"], ["functionCall"]]  # the rest dropped
+    result = last["parts"][0]["functionResponse"]["response"]["result"]
+    assert result == "Doc A (https://docs.example/a)\nA says 42."
+    assert last["parts"][1:] == [{"text": "Keep answers short."}]
+    sent = json.dumps(gemini.bodies[-1])
+    assert "secret advice" not in sent and "file_1" not in sent and odd not in sent
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len([w for w in warnings if odd in w]) == 1, warnings  # once per type per process
+    assert not [w for w in warnings if "future_note" in w or "compaction" in w or "fallback" in w]
