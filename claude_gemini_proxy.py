@@ -488,10 +488,7 @@ class SignatureStore:
 # to_gemini_request() is pure: a Messages body in, a GeminiRequest (body + what the
 # response side needs to know) out. One helper per block kind.
 
-# Gemini's request limits; the response side enforces stop sequences past the fifth
-# (ResponseFold._text).
-GEMINI_STOP_SEQUENCE_LIMIT = 5
-GEMINI_DECLARATION_LIMIT = 512
+GEMINI_DECLARATION_LIMIT = 512  # function declarations Gemini accepts in one request
 SUPPORTED_IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp", "image/heic", "image/heif")
 # Kinds Gemini 3 takes inside functionResponse.parts; older models get them as sibling parts.
 FUNCTION_RESPONSE_MEDIA = (
@@ -1013,12 +1010,12 @@ def _generation_config(body: dict, model: str, config: Config) -> dict:
     max_tokens = body.get("max_tokens")
     max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max(1, max_tokens)
     generation = {"maxOutputTokens": min(max_tokens, config.max_output_tokens)}
+    # No stopSequences: Gemini would not say which one it stopped on, so the response side
+    # cuts every one and reports it (ResponseFold._text), reading the answer as a stream.
     if model_version(model) < (3, 6):  # 3.6+ ignores or rejects custom sampling values
         for ours, theirs in (("temperature", "temperature"), ("top_p", "topP"), ("top_k", "topK")):
             if body.get(ours) is not None:
                 generation[theirs] = body[ours]
-    if body.get("stop_sequences"):
-        generation["stopSequences"] = body["stop_sequences"][:GEMINI_STOP_SEQUENCE_LIMIT]
     output_format = (body.get("output_config") or {}).get("format")
     if isinstance(output_format, dict) and output_format.get("type") == "json_schema":
         schema = output_format.get("schema")
@@ -1679,22 +1676,21 @@ class UpstreamClient:
 
     max_idle = 64  # idle connections kept per process
 
-    def __init__(self, config: Config, metrics: Metrics):
+    def __init__(self, config: Config, metrics: Metrics, sleep=time.sleep, now=time.monotonic):
         self.config = config
         self.metrics = metrics
+        self.sleep = sleep  # retry backoff; tests pass a recorder instead of waiting
+        self.now = now
         base = urllib.parse.urlsplit(config.api_base.rstrip("/"))
         self.https = base.scheme == "https"
         self.host = base.hostname
         self.port = base.port or (443 if self.https else 80)
         self.base_path = base.path.rstrip("/")
-        self._ssl_context = (
-            None  # made on first use: loading the CA store costs ~25 ms of start-up
-        )
+        self._ssl_context = None  # made on first use: loading the CA store costs ~25 ms
         self.egress = _egress_proxy(config, base.scheme, self.host)
-        self.keys = KeyRing(config.api_keys or ("",))
-        self.token_command = (
-            TokenCommand(config.auth_command, config.auth_ttl) if config.auth_command else None
-        )
+        self.keys = KeyRing(config.api_keys or ("",), now=now)
+        self.token_command = (TokenCommand(config.auth_command, config.auth_ttl, now=now)
+                              if config.auth_command else None)
         self.connections_opened = 0
         self.retries = 0
         self._idle: list = []
@@ -1780,16 +1776,16 @@ class UpstreamClient:
             return {"Authorization": f"Bearer {key}"}
         return {"x-goog-api-key": key}
 
-    def open(self, method: str, path: str, payload: bytes | None = None) -> tuple:
+    def _open(self, method: str, path: str, payload: bytes | None = None) -> tuple:
         """Return (connection, response) for a 200 answer; raise ProxyError otherwise."""
         attempt, token_refreshed = 0, False
         while True:
             key = self.keys.pick()
             auth = self._auth_headers(key)
             headers = {"content-type": "application/json", **auth}
-            started = time.monotonic()
+            started = self.now()
             conn, response = self._send(method, self.base_path + path, payload, headers)
-            elapsed = time.monotonic() - started
+            elapsed = self.now() - started
             self.metrics.observe(self.metrics.upstream_seconds, elapsed)
             log.debug(
                 "upstream %s %s -> %d after %.0f ms (%d bytes sent)",
@@ -1816,7 +1812,7 @@ class UpstreamClient:
             log.debug("upstream %d: retry %d in %.2f s", response.status, attempt + 1, wait)
             with self._lock:
                 self.retries += 1
-            time.sleep(wait)
+            self.sleep(wait)
             attempt += 1
 
     def _retry_wait(self, status: int, error: ProxyError, attempt: int) -> float | None:
@@ -1840,53 +1836,99 @@ class UpstreamClient:
         return payload
 
     def call_json(self, method: str, path: str, body: dict | bytes | None = None) -> dict:
-        """Return the parsed JSON of a 200 answer."""
-        payload = (
-            json.dumps(body, separators=(",", ":")).encode() if isinstance(body, dict) else body
-        )
-        conn, response = self.open(method, path, payload)
-        data = self._read_all(conn, response)
-        try:
-            answer = json.loads(data)
-        except ValueError:
-            raise ProxyError(502, "api_error", "Gemini sent JSON the proxy could not read")
+        """Return the parsed JSON object of a 200 answer."""
+        payload = json.dumps(body, separators=(",", ":")).encode() if isinstance(body, dict) else body
+        conn, response = self._open(method, path, payload)
+        answer = _parse_chunk(self._read_all(conn, response), "an answer")
         if not isinstance(answer, dict):
-            raise ProxyError(502, "api_error", "Gemini sent JSON the proxy could not read")
+            raise ProxyError(502, "api_error", "Gemini sent an answer the proxy could not read")
         return answer
 
-    def stream_chunks(self, conn, response):
-        """Yield each JSON chunk of an SSE answer as it arrives; pool the connection at the end."""
+    def generate(self, model: str, payload: bytes, live: bool) -> UpstreamAnswer:
+        """Return Gemini's answer to a generate request: streamed (live) or in one piece."""
+        if live:
+            path = model_path(model, "streamGenerateContent") + "?alt=sse"
+        else:
+            path = model_path(model, "generateContent")
+        asked_at = self.now()
+        conn, response = self._open("POST", path, payload)
+        return UpstreamAnswer(self, conn, response, live, asked_at)
+
+
+class UpstreamAnswer:
+    """One Gemini answer: chunks() yields its parsed chunks; close() pools or drops the
+    connection; abort() (from any thread) cuts the read when the client has left."""
+
+    def __init__(self, client: UpstreamClient, conn, response, live: bool, asked_at: float):
+        self.client = client
+        self.conn = conn
+        self.response = response
+        self.live = live
+        self.asked_at = asked_at
+        self.aborted = False
+
+    def chunks(self):
+        """Yield each Gemini chunk (one for a buffered answer); raise ClientGone once aborted."""
+        try:
+            if not self.live:
+                yield _parse_chunk(self.client._read_all(self.conn, self.response), "an answer")
+                return
+            first = True
+            for chunk in self._sse_chunks():
+                if first:
+                    metrics = self.client.metrics
+                    metrics.observe(metrics.first_chunk_seconds, self.client.now() - self.asked_at)
+                    first = False
+                yield chunk
+        except ProxyError:
+            if self.aborted:
+                raise ClientGone() from None
+            raise
+
+    def _sse_chunks(self):
         data_lines, raw_lines = [], []
         try:
-            while True:
-                line = response.readline()
-                if not line:
-                    break
+            for line in iter(self.response.readline, b""):
                 line = line.rstrip(b"\r\n")
                 if not line:
                     if data_lines:
-                        yield _parse_chunk(b"\n".join(data_lines))
+                        yield _parse_chunk(b"\n".join(data_lines), "a stream chunk")
                         data_lines = []
                 elif line.startswith(b"data:"):
                     data_lines.append(line[6:] if line[5:6] == b" " else line[5:])
                 elif not line.startswith((b":", b"event:", b"id:", b"retry:")):
                     raw_lines.append(line)  # an error may come as raw, multi-line JSON
         except (OSError, http.client.HTTPException) as exc:
-            conn.close()
+            self.conn.close()
             raise transport_error(exc, "streaming") from None
         if data_lines:
-            yield _parse_chunk(b"\n".join(data_lines))
+            yield _parse_chunk(b"\n".join(data_lines), "a stream chunk")
         if raw_lines:
-            yield _parse_chunk(b"\n".join(raw_lines))
-        self.release(conn, response)
+            yield _parse_chunk(b"\n".join(raw_lines), "a stream chunk")
+        self.client.release(self.conn, self.response)
+
+    def close(self) -> None:
+        """Pool the connection if its answer was read to the end, else close it."""
+        if not self.response.isclosed():
+            self.conn.close()
+
+    def abort(self) -> None:
+        self.aborted = True
+        sock = self.conn.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
-def _parse_chunk(payload: bytes):
+def _parse_chunk(payload: bytes, what: str):
+    """Return a Gemini JSON chunk; errors without alt=sse come wrapped in an array."""
     try:
         chunk = json.loads(payload)
     except ValueError:
-        raise ProxyError(502, "api_error", "Gemini sent a stream chunk the proxy could not read")
-    if isinstance(chunk, list) and chunk:  # errors without alt=sse come wrapped in an array
+        raise ProxyError(502, "api_error", f"Gemini sent {what} the proxy could not read") from None
+    if isinstance(chunk, list) and chunk:
         chunk = chunk[0]
     return chunk
 
@@ -2044,28 +2086,83 @@ def _lifecycle_filter(query: dict) -> set:
 
 
 # == HTTP handler =============================================================
-# ProxyHandler routes requests; SSEStream writes one client stream; StreamWatch pings idle
-# streams and notices clients that left.
+# run_fold() drives one answer for either mode; ProxyHandler routes and answers, turning any
+# exception into a response in one place; SSEStream writes one client stream; StreamWatch
+# pings idle streams and notices clients that left.
 
 PING_FRAME = sse_frame("ping", {"type": "ping"})
 
 
-class SSEStream:
-    """One client's SSE response: chunked frames, each batch in one write, pingable."""
+class Cancel:
+    """Cuts the client's current upstream answer when the client leaves, and refuses any
+    later one, so a client that left is never retried for."""
 
-    def __init__(self, handler: ProxyHandler, preamble: list, headers: dict):
-        self.handler = handler
+    def __init__(self):
+        self.cancelled = False
+        self.answer = None
+        self._lock = threading.Lock()
+
+    def attach(self, answer: UpstreamAnswer) -> None:
+        with self._lock:
+            self.answer = answer
+            cancelled = self.cancelled
+        if cancelled:
+            answer.abort()
+            raise ClientGone()
+
+    def __call__(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            answer = self.answer
+        if answer is not None:
+            answer.abort()
+
+
+def run_fold(upstream: UpstreamClient, request: GeminiRequest, fold: ResponseFold, send,
+             live: bool, cancel: Cancel) -> None:
+    """Feed Gemini's answer into the fold, handing each chunk's events to send() as they
+    come; an empty or malformed answer is asked for once more while nothing was sent."""
+    payload = json.dumps(request.body, separators=(",", ":"), ensure_ascii=False).encode()
+    for attempt in (0, 1):
+        if attempt:
+            log.debug("Gemini answered %s with nothing usable; asking once more",
+                      fold.finish_reason)
+            fold.next_attempt()
+        answer = upstream.generate(request.model, payload, live)
+        cancel.attach(answer)
+        try:
+            send([])  # a stream's head and message_start: Gemini accepted the request
+            for chunk in answer.chunks():
+                send(fold.feed(chunk))
+                if fold.done:
+                    break
+        finally:
+            answer.close()
+        if not fold.retryable():
+            return
+
+
+def _discard_events(events: list, end: bool = False) -> None:
+    """The send() of a non-stream answer: its events are folded into fold.message()."""
+
+
+class SSEStream:
+    """One client's SSE response: the head and message_start with the first write, then
+    chunked frames, each batch in one write(); pingable from the watch thread."""
+
+    def __init__(self, write, abort, head: bytes, preamble: list):
+        self.write = write  # bytes -> None; raises OSError once the client is gone
+        self.on_abort = abort  # cuts the upstream read
+        self.head = head
         self.preamble = b"".join(sse_frame(name, data) for name, data in preamble)
-        self.headers = headers
         self.started = False
         self.finished = False
         self.gone = False
-        self.upstream = None  # the upstream connection to cut if the client leaves
         self.last_write = time.monotonic()
         self.lock = threading.Lock()
 
     def send(self, events: list, end: bool = False) -> None:
-        """Write events (the headers and message_start first, if not yet sent)."""
+        """Write events (the head and message_start first, if not yet sent)."""
         body = b"".join(sse_frame(name, data) for name, data in events)
         with self.lock:
             if self.gone:
@@ -2089,42 +2186,37 @@ class SSEStream:
         out = b""
         if not self.started:
             self.started = True
-            out = self.handler.response_head(200, "text/event-stream", None, dict(
-                self.headers, **{"Cache-Control": "no-cache", "Transfer-Encoding": "chunked"}))
-            body = self.preamble + body
+            out, body = self.head, self.preamble + body
         if body:
             out += b"%x\r\n%s\r\n" % (len(body), body)
         if end:
             out += b"0\r\n\r\n"
             self.finished = True
+        if not out:
+            return
         try:
-            self.handler.wfile.write(out)
+            self.write(out)
         except (OSError, ValueError):
             self.abort()
-            raise ClientGone()
+            raise ClientGone() from None
         self.last_write = time.monotonic()
 
     def abort(self) -> None:
         """The client left: cut the upstream read at once."""
         self.gone = True
-        upstream = self.upstream
-        if upstream is not None and upstream.sock is not None:
-            try:
-                upstream.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        self.on_abort()
 
-    def client_left(self) -> bool:
-        """Return True if the client closed its end (readable with nothing to read)."""
-        connection = self.handler.connection
-        try:
-            if not select.select([connection], [], [], 0)[0]:
-                return False
-            return connection.recv(1, socket.MSG_PEEK) == b""
-        except ValueError:  # a descriptor select() cannot watch: rely on the next write instead
+
+def _client_left(sock: socket.socket) -> bool:
+    """Return True if the client closed its end (readable with nothing to read)."""
+    try:
+        if not select.select([sock], [], [], 0)[0]:
             return False
-        except OSError:
-            return True
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except ValueError:  # a descriptor select() cannot watch: rely on the next write instead
+        return False
+    except OSError:
+        return True
 
 
 class StreamWatch:
@@ -2132,31 +2224,32 @@ class StreamWatch:
 
     def __init__(self, interval: float):
         self.interval = interval
-        self.streams: set = set()
+        self.streams: dict = {}  # SSEStream -> the client's socket
         self._lock = threading.Lock()
         self._thread = None
 
-    def add(self, stream: SSEStream) -> None:
+    def add(self, sock: socket.socket, stream: SSEStream) -> None:
         with self._lock:
-            self.streams.add(stream)
+            self.streams[stream] = sock
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="stream-watch", daemon=True)
+                self._thread = threading.Thread(target=self._run, name="stream-watch",
+                                                daemon=True)
                 self._thread.start()
 
     def remove(self, stream: SSEStream) -> None:
         with self._lock:
-            self.streams.discard(stream)
+            self.streams.pop(stream, None)
 
     def _run(self) -> None:
         tick = max(0.02, min(1.0, self.interval / 4))
         while True:
             time.sleep(tick)
             with self._lock:
-                streams = list(self.streams)
+                streams = list(self.streams.items())
             now = time.monotonic()
-            for stream in streams:
+            for stream, sock in streams:
                 try:
-                    if stream.client_left():
+                    if _client_left(sock):
                         stream.abort()
                     elif now - stream.last_write >= self.interval:
                         stream.ping()
@@ -2209,31 +2302,44 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def handle_request(self, method: str) -> None:
         server = self.server
         self.request_id = "req_" + secrets.token_hex(12)
-        threading.current_thread().name = (
-            self.request_id
-        )  # every log line of this request shows it
+        threading.current_thread().name = self.request_id  # every log line shows it
         self.started_at = time.monotonic()
-        self.status, self.gemini_model, self.usage = 0, "-", None
+        self.stream = None
+        self.status, self.gemini_model, self.usage, self.body_size = 0, "-", None, 0
         with server.lock:
             server.active_requests += 1
         try:
             if server.draining:
                 self.close_connection = True
             self.route(method)
-        except ProxyError as error:
-            self.send_json(error.status, error.body(self.request_id), error.headers)
-        except ClientGone:
-            self.close_connection = True
-        except Exception:
-            log.exception("request %s failed", self.request_id)
-            error = ProxyError(
-                500, "api_error", f"the proxy failed on this request ({self.request_id})"
-            )
-            self.send_json(500, error.body(self.request_id))
+        except Exception as exc:  # the one place an exception becomes a response
+            self.answer_error(exc)
         finally:
             with server.lock:
                 server.active_requests -= 1
             self.log_access(method)
+
+    def answer_error(self, exc: Exception) -> None:
+        """Answer an exception: the JSON error while nothing was sent, else an SSE error
+        event, the terminating chunk and a closed connection; never a second status line."""
+        if isinstance(exc, ClientGone):
+            self.close_connection = True
+            self.status = 499  # client closed the connection
+            return
+        if not isinstance(exc, ProxyError):
+            log.exception("request %s failed", self.request_id)
+            exc = ProxyError(500, "api_error", f"the proxy failed on this request "
+                             f"({self.request_id})")
+        body = exc.body(self.request_id)
+        if self.stream is None or self.stream.claim_unstarted():
+            self.send_json(exc.status, body, exc.headers)
+            return
+        self.close_connection = True
+        self.status = exc.status
+        try:
+            self.stream.send([("error", body)], end=True)
+        except ClientGone:
+            self.status = 499
 
     def route(self, method: str) -> None:
         parts = urllib.parse.urlsplit(self.path)
@@ -2338,75 +2444,28 @@ class ProxyHandler(BaseHTTPRequestHandler):
         request = to_gemini_request(self.read_json(), server.config, server.signatures)
         self.gemini_model = request.model
         fold = ResponseFold(request, server.signatures, input_estimate=self.body_size // 4)
-        if request.stream:
-            self.stream_answer(request, fold)
-            return
-        self.fold_answer(request, fold, None, live=False)
-        fold.finish()
-        self.usage = fold.usage()
-        self.send_json(200, fold.message(), {"x-gemini-model": request.model})
-
-    def fold_answer(self, request: GeminiRequest, fold: ResponseFold, stream: SSEStream | None,
-                    live: bool) -> None:
-        """Feed Gemini's answer into the fold (and the stream), retrying an empty one once."""
-        upstream = self.server.upstream
-        payload = json.dumps(request.body, separators=(",", ":"), ensure_ascii=False).encode()
-        for attempt in (0, 1):
-            if attempt:
-                log.debug(
-                    "Gemini answered %s with nothing usable; asking once more", fold.finish_reason
-                )
-                fold.next_attempt()
-            if live:
-                conn, response = upstream.open(
-                    "POST",
-                    model_path(request.model, "streamGenerateContent") + "?alt=sse",
-                    payload,
-                )
-                stream.upstream = conn
-                try:
-                    stream.send([])  # headers and message_start: Gemini accepted the request
-                    asked_at, first = time.monotonic(), True
-                    for chunk in upstream.stream_chunks(conn, response):
-                        if first:
-                            self.server.metrics.observe(self.server.metrics.first_chunk_seconds,
-                                                        time.monotonic() - asked_at)
-                            first = False
-                        stream.send(fold.feed(chunk))
-                        if fold.done:
-                            break
-                finally:
-                    if not response.isclosed():
-                        conn.close()
-            else:
-                answer = upstream.call_json(
-                    "POST", model_path(request.model, "generateContent"), payload
-                )
-                events = fold.feed(answer)
-                if stream is not None:
-                    stream.send(events)
-            if not fold.retryable():
-                return
-
-    def stream_answer(self, request: GeminiRequest, fold: ResponseFold) -> None:
-        server = self.server
-        stream = SSEStream(self, fold.start(), {"x-gemini-model": request.model})
-        live = (
-            server.config.stream_mode == "live" and not request.web_search
-        )  # search: blocks first
-        server.watch.add(stream)
-        try:
-            self.fold_answer(request, fold, stream, live)
-            stream.send(fold.finish(), end=True)
+        # Google Search answers come whole (their blocks go first); stop sequences are cut here,
+        # so they are read as a stream to stop Gemini at the match.
+        live = server.config.stream_mode == "live" and not request.web_search and (
+            request.stream or bool(request.stop_sequences))
+        cancel = Cancel()
+        headers = {"x-gemini-model": request.model}
+        if not request.stream:
+            run_fold(server.upstream, request, fold, _discard_events, live, cancel)
+            fold.finish()
             self.usage = fold.usage()
-            self.status = 200
-        except ProxyError as error:
-            if stream.claim_unstarted():
-                raise
-            self.status = error.status
-            stream.send([("error", error.body(self.request_id))], end=True)
+            self.send_json(200, fold.message(), headers)
+            return
+        head = self.response_head(200, "text/event-stream", None, dict(
+            headers, **{"Cache-Control": "no-cache", "Transfer-Encoding": "chunked"}))
+        self.stream = SSEStream(self.wfile.write, cancel, head, fold.start())
+        server.watch.add(self.connection, self.stream)
+        try:
+            run_fold(server.upstream, request, fold, self.stream.send, live, cancel)
+            self.stream.send(fold.finish(), end=True)
         finally:
-            server.watch.remove(stream)
+            server.watch.remove(self.stream)
+        self.status, self.usage = 200, fold.usage()
 
     # -- reading and writing ---------------------------------------------------
 
@@ -2458,7 +2517,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def response_head(
         self, status: int, content_type: str, length: int | None, headers: dict | None
     ) -> bytes:
-        self.status = status
         phrase = self.responses.get(status, ("",))[0]
         lines = [f"HTTP/1.1 {status} {phrase}", f"Server: {self.server_version}",
                  f"Content-Type: {content_type}", f"request-id: {self.request_id}"]
@@ -2475,6 +2533,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     ) -> None:
         """Write headers and body in one write: two small writes meet the client's delayed ACK."""
         head = self.response_head(status, content_type, len(body), headers)
+        self.status = status
         try:
             self.wfile.write(head if self.command == "HEAD" else head + body)
         except OSError:
@@ -2488,24 +2547,19 @@ class ProxyHandler(BaseHTTPRequestHandler):
             headers,
         )
 
-    def send_error(
-        self, code: int, message: str | None = None, explain: str | None = None
-    ) -> None:
+    def send_error(self, code: int, message: str | None = None,
+                   explain: str | None = None) -> None:
         """Answer http.server's own errors (bad request line, huge headers) in Anthropic shape."""
         self.request_id = getattr(self, "request_id", "req_" + secrets.token_hex(12))
+        self.stream = None
         self.close_connection = True
         error_type = "not_found_error" if code == 404 else "invalid_request_error"
-        self.send_json(
-            code, ProxyError(code, error_type, message or "bad request").body(self.request_id)
-        )
+        self.answer_error(ProxyError(code, error_type, message or "bad request"))
 
     def log_access(self, method: str) -> None:
         path = self.path.split("?")[0]
-        route = (
-            path
-            if path in ROUTES
-            else "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
-        )
+        route = path if path in ROUTES else (
+            "/v1/models/{id}" if path.startswith("/v1/models/") else "other")
         self.server.metrics.count_request(route, self.status, self.gemini_model, self.usage)
         usage = self.usage or {}
         log.info("%s %s %d model=%s in=%s out=%s cached=%s %.0fms %s", method, path,
@@ -2527,13 +2581,13 @@ class ProxyServer(ThreadingHTTPServer):
     request_queue_size = 1024  # listen backlog: a burst of connections waits instead of failing
     allow_reuse_address = True
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, sleep=time.sleep, now=time.monotonic):
         if ":" in config.host:
             self.address_family = socket.AF_INET6
         super().__init__((config.host, config.port), ProxyHandler)
         self.config = config
         self.metrics = Metrics()
-        self.upstream = UpstreamClient(config, self.metrics)
+        self.upstream = UpstreamClient(config, self.metrics, sleep=sleep, now=now)
         self.signatures = SignatureStore(config.signature_key)
         self.watch = StreamWatch(config.ping_interval)
         self.models = ModelCatalog(self.upstream, config)
@@ -2547,9 +2601,9 @@ class ProxyServer(ThreadingHTTPServer):
         self.server_name, self.server_port = self.server_address[:2]
 
 
-def build_server(config: Config) -> ProxyServer:
-    """Return the bound (not yet serving) server for a Config."""
-    return ProxyServer(config)
+def build_server(config: Config, sleep=time.sleep, now=time.monotonic) -> ProxyServer:
+    """Return the bound (not yet serving) server for a Config; the clock is a parameter."""
+    return ProxyServer(config, sleep=sleep, now=now)
 
 
 def _read_dotenv(path: str | None) -> str:

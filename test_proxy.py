@@ -30,8 +30,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 class Reply:
     """One scripted Gemini answer: chunks (streamed or merged), or an error status."""
 
-    def __init__(self, *chunks, status=200, error=None, pause=0.0, tail=b"", cut=False, before=0.0):
+    def __init__(self, *chunks, status=200, error=None, pause=0.0, tail=b"", cut=False, before=0.0,
+                 hold_after=None):
         self.chunks = list(chunks)
+        self.hold_after = hold_after  # stream this many chunks, then wait for FakeGemini.hold
         self.status = status
         self.error = error  # Gemini error object for a non-200 status
         self.pause = pause  # seconds between streamed chunks
@@ -98,6 +100,7 @@ class FakeGemini:
              "outputTokenLimit": 8192, "supportedGenerationMethods": ["generateContent"]},
         ]
         self.count_tokens_status = 200
+        self.hold = threading.Event()  # released by a test once the client has its answer
         self.lock = threading.Lock()
         fake = self
 
@@ -265,6 +268,8 @@ class FakeGemini:
         time.sleep(reply.before)
         try:
             for i, answer in enumerate(chunks):
+                if i and i == reply.hold_after:
+                    self.hold.wait(10)
                 if i:
                     time.sleep(reply.pause)
                 frame = b"data: " + json.dumps(answer).encode() + b"\r\n\r\n"
@@ -325,9 +330,25 @@ def make_config(gemini, **overrides):
     return cgp.Config(**values)
 
 
+class Clock:
+    """A monotonic clock that tests move by hand; sleep() records the wait and advances it."""
+
+    def __init__(self):
+        self.time = 1000.0
+        self.slept = []
+
+    def now(self):
+        return self.time
+
+    def sleep(self, seconds):
+        self.slept.append(seconds)
+        self.time += seconds
+
+
 class Proxy:
-    def __init__(self, config):
-        self.server = cgp.build_server(config)
+    def __init__(self, config, clock=None):
+        clock_args = {"sleep": clock.sleep, "now": clock.now} if clock else {}
+        self.server = cgp.build_server(config, **clock_args)
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
                                        daemon=True)
@@ -346,8 +367,8 @@ class Proxy:
 def start_proxy():
     started = []
 
-    def start(config):
-        proxy = Proxy(config)
+    def start(config, clock=None):
+        proxy = Proxy(config, clock)
         started.append(proxy)
         return proxy
 
@@ -870,7 +891,7 @@ def test_generation_config_and_clamps():
     generation = request.body["generationConfig"]
     assert generation["maxOutputTokens"] == 60000
     assert (generation["temperature"], generation["topP"], generation["topK"]) == (0.5, 0.9, 40)
-    assert generation["stopSequences"] == ["a", "b", "c", "d", "e"]
+    assert "stopSequences" not in generation  # the proxy cuts them all: see ResponseFold._text
     assert request.stop_sequences == ("a", "b", "c", "d", "e", "f", "g")
     default = translate({"messages": [{"role": "user", "content": "hi"}], "max_tokens": None})
     assert default.body["generationConfig"]["maxOutputTokens"] == 32768
@@ -981,8 +1002,8 @@ def test_blocked_prompt_is_a_refusal():
     assert fold.message()["stop_reason"] == "refusal" and fold.message()["content"] == []
 
 
-def test_stop_sequence_beyond_the_fifth_is_enforced_and_reported():
-    fold, _ = fold_for({"stop_sequences": ["a1", "a2", "a3", "a4", "a5", "HALT"]})
+def test_stop_sequence_is_enforced_and_reported():
+    fold, _ = fold_for({"stop_sequences": ["HALT", "a2"]})
     run_fold(fold, [chunk(text("keep this HALT drop that"), finish="STOP")])
     message = fold.message()
     assert message["content"] == [{"type": "text", "text": "keep this "}]
@@ -1392,6 +1413,43 @@ def test_stream_mid_stream_error_becomes_sse_error(gemini, proxy):
     assert "message_stop" not in [e["type"] for e in events]
 
 
+def test_fault_after_the_first_delta_ends_the_stream_with_an_sse_error(gemini, proxy, monkeypatch):
+    gemini.script = [Reply(chunk(text("first")), chunk(text("second"), finish="STOP"))]
+    feed = cgp.ResponseFold.feed
+
+    def failing_feed(fold, piece):
+        if fold.blocks:  # the first delta went out
+            raise RuntimeError("injected fault")
+        return feed(fold, piece)
+
+    monkeypatch.setattr(cgp.ResponseFold, "feed", failing_feed)
+    body = json.dumps(messages_body(stream=True)).encode()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        reply = b""
+        while True:  # the proxy closes the connection after the error
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            reply += piece
+    head, _, chunked = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and reply.count(b"HTTP/1.1") == 1
+    decoded = b""
+    while True:
+        size, _, rest = chunked.partition(b"\r\n")
+        size = int(size, 16)
+        if size == 0:
+            assert rest == b"\r\n"  # the terminating chunk, nothing after it
+            break
+        decoded, chunked = decoded + rest[:size], rest[size + 2:]
+    events, _ = read_sse(decoded)
+    assert [e["type"] for e in events][:3] == ["message_start", "content_block_start",
+                                              "content_block_delta"]
+    assert events[-1]["type"] == "error" and events[-1]["error"]["type"] == "api_error"
+    assert request(proxy, "GET", "/health").status == 200
+
+
 def test_stream_raw_json_error_tail_becomes_sse_error(gemini, proxy):
     tail = b'{\n  "error": {\n    "code": 429,\n    "message": "quota",\n    "status": "RESOURCE_EXHAUSTED"\n  }\n}\n'
     gemini.script = [Reply(chunk(text("partial")), tail=tail)]
@@ -1432,13 +1490,24 @@ def test_buffered_mode_replays_one_answer_and_pings_while_waiting(gemini, start_
     assert gemini.requests[0][1].endswith(":generateContent")
 
 
-def test_stream_stop_sequence_closes_upstream_early(gemini, proxy):
-    gemini.script = [Reply(chunk(text("one two ST")), chunk(text("OP three")), chunk(text("four"), finish="STOP"),
-                           pause=0.2)]
-    started = time.monotonic()
-    events, message = stream(proxy, messages_body(stop_sequences=["1", "2", "3", "4", "5", "STOP"]))
-    assert message["content"][0]["text"] == "one two " and message["stop_sequence"] == "STOP"
-    assert message["stop_reason"] == "stop_sequence" and time.monotonic() - started < 0.39
+@pytest.mark.parametrize("streamed", [True, False])
+def test_every_stop_sequence_is_cut_by_the_proxy_without_waiting_for_gemini(gemini, proxy, streamed):
+    # Gemini holds its last chunk until the client has its answer: only a proxy that stops
+    # reading at the match can answer at all.
+    gemini.script = [Reply(chunk(text("one two ST")), chunk(text("OP three")),
+                           chunk(text("four"), finish="STOP"), hold_after=2)]
+    body = messages_body(stop_sequences=["STOP", "b"])
+    try:
+        if streamed:
+            _, message = stream(proxy, body)
+        else:
+            message = post(proxy, body).json
+    finally:
+        gemini.hold.set()
+    assert message["content"] == [{"type": "text", "text": "one two "}]
+    assert (message["stop_reason"], message["stop_sequence"]) == ("stop_sequence", "STOP")
+    path, sent = gemini.requests[0][1], gemini.requests[0][3]
+    assert ":streamGenerateContent" in path and "stopSequences" not in sent["generationConfig"]
 
 
 def test_client_disconnect_mid_stream_stops_upstream_and_proxy_goes_on(gemini, proxy):
@@ -1500,7 +1569,9 @@ def replayed_calls(body):
     return [p for c in body["contents"] if c["role"] == "model" for p in c["parts"] if "functionCall" in p]
 
 
-def assert_real_signatures_reached_gemini(gemini):
+def assert_real_signatures_reached_gemini(gemini, replayed_per_body):
+    # how many calls each upstream body replays: a history that lost its calls must not pass
+    assert [len(replayed_calls(body)) for body in gemini.bodies] == replayed_per_body
     for body in gemini.bodies[1:]:
         for part in replayed_calls(body):
             assert part["thoughtSignature"] in gemini.issued, part
@@ -1510,7 +1581,7 @@ def assert_real_signatures_reached_gemini(gemini):
 def test_three_tool_rounds_through_one_instance(gemini, proxy):
     history = run_tool_rounds([proxy], gemini)
     assert history[-1]["content"] == [{"type": "text", "text": "All done."}]
-    assert_real_signatures_reached_gemini(gemini)
+    assert_real_signatures_reached_gemini(gemini, [0, 1, 2, 3])
     calls = replayed_calls(gemini.bodies[-1])
     assert [c["functionCall"]["id"] for c in calls] == ["call-0", "call-1", "call-2"]
     responses = [p["functionResponse"] for c in gemini.bodies[-1]["contents"] for p in c["parts"]
@@ -1521,7 +1592,7 @@ def test_three_tool_rounds_through_one_instance(gemini, proxy):
 def test_three_tool_rounds_through_two_instances_alternating(gemini, start_proxy):
     first, second = start_proxy(make_config(gemini)), start_proxy(make_config(gemini))
     run_tool_rounds([first, second], gemini, streamed=False)
-    assert_real_signatures_reached_gemini(gemini)
+    assert_real_signatures_reached_gemini(gemini, [0, 1, 2, 3])
 
 
 def test_three_tool_rounds_with_a_restart_between_every_round(gemini, start_proxy):
@@ -1531,7 +1602,7 @@ def test_three_tool_rounds_with_a_restart_between_every_round(gemini, start_prox
         history = run_tool_rounds([instance], gemini, rounds=1, history=history)[:-1] if n < 3 else \
             run_tool_rounds([instance], gemini, rounds=0, history=history)
         instance.stop()
-    assert_real_signatures_reached_gemini(gemini)
+    assert_real_signatures_reached_gemini(gemini, [0, 1, 1, 2, 2, 3, 3])
     assert len(replayed_calls(gemini.bodies[-1])) == 3
 
 
@@ -1919,7 +1990,8 @@ def test_https_proxy_is_not_used_for_an_http_api_base(gemini, tunnel, start_prox
 # == 4. Retries ===============================================================
 
 def test_503_then_200_is_retried_and_answered(gemini, start_proxy):
-    proxy = start_proxy(make_config(gemini, max_retries=2))
+    clock = Clock()
+    proxy = start_proxy(make_config(gemini, max_retries=2), clock)
     gemini.script = [Reply(status=503, error=gemini_error(503, "overloaded", "UNAVAILABLE")),
                      Reply(chunk(text("second try"), finish="STOP"))]
     answer = post(proxy, messages_body())
@@ -1927,39 +1999,39 @@ def test_503_then_200_is_retried_and_answered(gemini, start_proxy):
     assert answer.json["content"][0]["text"] == "second try"
     assert len(gemini.bodies) == 2
     assert proxy.server.upstream.retries == 1
+    assert len(clock.slept) == 1 and 0.5 <= clock.slept[0] <= 0.625  # backoff with jitter
 
 
 def test_429_with_short_retry_delay_waits_and_retries(gemini, start_proxy):
-    proxy = start_proxy(make_config(gemini, max_retries=2))
-    gemini.script = [Reply(status=429, error=quota_error("0.05s")),
+    clock = Clock()
+    proxy = start_proxy(make_config(gemini, max_retries=2), clock)
+    gemini.script = [Reply(status=429, error=quota_error("2.5s")),
                      Reply(chunk(text("after the wait"), finish="STOP"))]
-    started = time.monotonic()
     answer = post(proxy, messages_body())
-    elapsed = time.monotonic() - started
     assert answer.status == 200, answer.raw
     assert answer.json["content"][0]["text"] == "after the wait"
     assert len(gemini.bodies) == 2
     assert proxy.server.upstream.retries == 1
-    assert elapsed >= 0.05
+    assert clock.slept == [2.5]
 
 
 def test_429_with_retry_delay_past_max_retry_wait_is_answered_at_once(gemini, start_proxy):
-    proxy = start_proxy(make_config(gemini, max_retries=2, max_retry_wait=30))
+    clock = Clock()
+    proxy = start_proxy(make_config(gemini, max_retries=2, max_retry_wait=30), clock)
     gemini.script = [Reply(status=429, error=quota_error("120s")),
                      Reply(chunk(text("must not be asked for"), finish="STOP"))]
-    started = time.monotonic()
     answer = post(proxy, messages_body())
-    elapsed = time.monotonic() - started
     assert answer.status == 429, answer.raw
     assert answer.json["error"]["type"] == "rate_limit_error"
     assert answer.headers["retry-after"] == "120"
     assert len(gemini.bodies) == 1
     assert proxy.server.upstream.retries == 0
-    assert elapsed < 1.0
+    assert clock.slept == []
 
 
 def test_retries_stop_after_max_retries_with_529(gemini, start_proxy):
-    proxy = start_proxy(make_config(gemini, max_retries=2))
+    clock = Clock()
+    proxy = start_proxy(make_config(gemini, max_retries=2), clock)
     overloaded = Reply(status=503, error=gemini_error(503, "The model is overloaded.", "UNAVAILABLE"))
     gemini.script = [overloaded, overloaded, overloaded, Reply(chunk(text("fourth"), finish="STOP"))]
     answer = post(proxy, messages_body())
@@ -1967,6 +2039,7 @@ def test_retries_stop_after_max_retries_with_529(gemini, start_proxy):
     assert answer.json["error"]["type"] == "overloaded_error"
     assert len(gemini.bodies) == 3
     assert proxy.server.upstream.retries == 2
+    assert len(clock.slept) == 2 and 0.5 <= clock.slept[0] <= 0.625 <= 1 <= clock.slept[1] <= 1.25
 
 
 def test_400_is_never_retried(gemini, start_proxy):
@@ -2138,10 +2211,13 @@ def bearer_tokens(gemini):
 
 
 def test_token_command_runs_again_after_its_ttl(gemini, start_proxy, tmp_path):
-    proxy = start_proxy(make_config(gemini, api_keys=(), auth_command=token_command(tmp_path), auth_ttl=0.3))
+    clock = Clock()
+    proxy = start_proxy(make_config(gemini, api_keys=(), auth_command=token_command(tmp_path),
+                                    auth_ttl=300), clock)
     post(proxy, messages_body())
+    clock.time += 299
     post(proxy, messages_body())
-    time.sleep(0.35)
+    clock.time += 2
     post(proxy, messages_body())
     assert bearer_tokens(gemini) == ["Bearer token-1", "Bearer token-1", "Bearer token-2"]
 
@@ -2189,16 +2265,24 @@ def start_process(gemini, tmp_path, **env):
 
 def test_sigterm_lets_a_stream_in_flight_finish_and_refuses_new_connections(gemini, tmp_path):
     child, port = start_process(gemini, tmp_path, SHUTDOWN_GRACE="10")
-    gemini.script = [Reply(*[chunk(text(f"{i} ")) for i in range(6)], chunk(finish="STOP"), pause=0.15)]
+    # Gemini holds the stream after its first chunk until new connections are refused.
+    gemini.script = [Reply(*[chunk(text(f"{i} ")) for i in range(6)], chunk(finish="STOP"),
+                           hold_after=1)]
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     conn.request("POST", "/v1/messages", body=json.dumps(dict(messages_body(), stream=True)),
                  headers={"content-type": "application/json"})
     response = conn.getresponse()
     first = response.readline()
     child.send_signal(15)
-    time.sleep(0.3)
-    with pytest.raises(OSError):
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    refused, deadline = False, time.monotonic() + 5
+    while not refused and time.monotonic() < deadline:  # poll for the listener to close
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            time.sleep(0.02)
+        except OSError:
+            refused = True
+    gemini.hold.set()
+    assert refused
     _, message = read_sse(first + response.read())
     assert message["content"][0]["text"] == "0 1 2 3 4 5 " and message["stop_reason"] == "end_turn"
     assert child.wait(timeout=10) == 0
