@@ -9,8 +9,10 @@ Test:  python3 -m pip install pytest && python3 -m pytest -q
 
 Environment (command-line flags beat the environment, which beats a ./.env file):
   GEMINI_API_KEY        required; several keys, comma-separated, are used in turn
-  GEMINI_API_BASE       https://generativelanguage.googleapis.com/v1beta
+  GEMINI_API_BASE       https://generativelanguage.googleapis.com/v1beta (any gateway)
   GEMINI_AUTH_TYPE      unset: x-goog-api-key header; "bearer": Authorization: Bearer
+  GEMINI_AUTH_COMMAND   command printing a bearer token (gcloud ...); replaces the key
+  GEMINI_AUTH_TTL       3000 seconds before the token command runs again
   HOST, PORT            127.0.0.1, 8318
   PROXY_AUTH_TOKEN      when set, clients must send it (x-api-key or Bearer)
   DEFAULT_GEMINI_MODEL  gemini-3.5-flash
@@ -22,11 +24,13 @@ Environment (command-line flags beat the environment, which beats a ./.env file)
   PROXY_SIGNATURE_KEY   HMAC key for thought-signature carriers (default: from the API key)
   MAX_REQUEST_BYTES     33554432
   SHUTDOWN_GRACE        30 seconds for in-flight requests after SIGTERM/SIGINT
+  HTTPS_PROXY, HTTP_PROXY, NO_PROXY   egress proxy (CONNECT tunnel), as curl reads them
+  SSL_CERT_FILE, SSL_CERT_DIR         CA bundle or directory for a private upstream CA
   DEBUG                 true/1 for per-request and upstream logs (secrets redacted)
 
 Sections (grep '^# ==' for line numbers): Configuration, Errors, Signature store,
-Request: Anthropic -> Gemini, Response: Gemini -> Anthropic, Upstream client,
-HTTP handler, Main.
+Request: Anthropic -> Gemini, Response: Gemini -> Anthropic, Operators: metrics,
+Upstream client, Model list, HTTP handler, Main.
 
 Copyright (c) 2026 the claude_gemini_proxy authors.
 License: MIT (see LICENSE)
@@ -62,8 +66,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 __version__ = "1.0.0"
 __all__ = [
-    "Config", "read_config", "map_model", "ProxyError", "SignatureStore", "to_gemini_request",
-    "ResponseFold", "UpstreamClient", "ProxyHandler", "build_server", "main",
+    "Config", "read_config", "map_model", "ProxyError", "UpstreamError", "Carried",
+    "SignatureStore", "GeminiRequest", "to_gemini_request", "ResponseFold", "Metrics",
+    "UpstreamClient", "UpstreamAnswer", "ProxyHandler", "ProxyServer", "build_server", "main",
 ]
 
 log = logging.getLogger("claude_gemini_proxy")
@@ -119,10 +124,24 @@ class Config:
         raise AttributeError("Config is read-only")
 
     def __repr__(self) -> str:
-        shown = (
-            f"{k}={v!r}" for k, v in vars(self).items() if "key" not in k and "token" not in k
-        )
-        return f"Config({', '.join(shown)})"  # never the secrets
+        shown = [f"{name}={getattr(self, name)!r}" for name in REPR_FIELDS]
+        shown += [f"{name}={_without_userinfo(getattr(self, name))!r}"
+                  for name in ("api_base", "https_proxy", "http_proxy")]
+        shown.append(f"api_keys=<{len(self.api_keys)} key(s)>")
+        return f"Config({', '.join(shown)})"
+
+
+# The fields repr() shows: never a key, token, command line or proxy credential.
+REPR_FIELDS = ("host", "port", "auth_type", "default_model", "model_map",
+               "max_output_tokens", "stream_mode", "upstream_timeout", "connect_timeout",
+               "max_retry_wait", "max_retries", "max_request_bytes", "ping_interval",
+               "client_timeout", "shutdown_grace", "auth_ttl", "no_proxy", "debug")
+
+
+def _without_userinfo(url: str) -> str:
+    """Return a URL without its user:password@ part."""
+    scheme, sep, rest = url.rpartition("://")
+    return scheme + sep + rest.rpartition("@")[2]
 
 
 ENV_OPTIONS = (
@@ -141,6 +160,20 @@ ENV_OPTIONS = (
     ("SHUTDOWN_GRACE", None, "shutdown_grace", float, "seconds in-flight work gets on SIGTERM"),
     ("GEMINI_AUTH_COMMAND", None, "auth_command", str, "command printing a bearer token"),
     ("GEMINI_AUTH_TTL", None, "auth_ttl", float, "seconds before the token command runs again"),
+)
+
+
+# Variables read outside ENV_OPTIONS: by read_config() itself, the ssl module and logging.
+OTHER_ENV = (
+    ("GEMINI_API_KEY", "required (unless GEMINI_AUTH_COMMAND): key, or k1,k2,k3 in turn"),
+    ("MODEL_MAP", "glob=model,... checked after the built-in table"),
+    ("PROXY_SIGNATURE_KEY", "HMAC key for signature carriers (default: derived from key)"),
+    ("HTTPS_PROXY", "egress proxy for an https base (CONNECT; user:password@ allowed)"),
+    ("HTTP_PROXY", "egress proxy for an http base"),
+    ("NO_PROXY", "hosts that bypass the egress proxy, as curl reads them"),
+    ("SSL_CERT_FILE", "CA bundle for a private upstream CA"),
+    ("SSL_CERT_DIR", "directory of CA certificates"),
+    ("DEBUG", "true/1: log each request and upstream call"),
 )
 
 
@@ -179,19 +212,11 @@ def parse_model_map(text: str) -> tuple:
 def build_arg_parser() -> argparse.ArgumentParser:
     """Return the command-line parser; its help lists every option and variable."""
     defaults = Config()
-    epilog = ["environment variables (flags beat them; they beat ./.env):",
-              "  GEMINI_API_KEY        required: key, or k1,k2,k3 to spread load"]
+    epilog = ["environment variables (flags beat them; they beat ./.env):"]
     for env, _flag, name, _conv, text in ENV_OPTIONS:
         epilog.append(f"  {env:<21} {text} (default: {getattr(defaults, name)!r})")
-    epilog += [
-        "  HTTPS_PROXY, HTTP_PROXY, NO_PROXY   egress proxy, as curl and urllib read them",
-        "  SSL_CERT_FILE, SSL_CERT_DIR         CA bundle for a private upstream CA",
-        "  MODEL_MAP             glob=model,... checked after the built-in table",
-        "  PROXY_SIGNATURE_KEY   HMAC key for signature carriers (default: derived from key)",
-        "  DEBUG                 true/1: log each request and upstream call",
-        "",
-        "example:  GEMINI_API_KEY=... python3 claude_gemini_proxy.py --port 8318",
-    ]
+    epilog += [f"  {env:<21} {text}" for env, text in OTHER_ENV]
+    epilog += ["", "example:  GEMINI_API_KEY=... python3 claude_gemini_proxy.py --port 8318"]
     parser = argparse.ArgumentParser(
         prog="claude_gemini_proxy.py",
         description="Serve the Anthropic Messages API on top of Google Gemini.",

@@ -502,10 +502,15 @@ def test_help_lists_every_option_and_variable():
     done = subprocess.run([sys.executable, os.path.join(HERE, "claude_gemini_proxy.py"), "--help"],
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 0
-    for word in ("--host", "--port", "--env-file", "--debug", "--version", "--stream-mode", "GEMINI_API_KEY",
-                 "GEMINI_API_BASE", "GEMINI_AUTH_TYPE", "PROXY_AUTH_TOKEN", "DEFAULT_GEMINI_MODEL",
-                 "MAX_OUTPUT_TOKENS", "MODEL_MAP", "DEBUG", "STREAM_MODE", "8318"):
+    for word in ("--host", "--port", "--env-file", "--debug", "--version", "--stream-mode", "8318"):
         assert word in done.stdout, word
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as readme:
+        table = [line for line in readme if line.startswith("| `")]
+    names = [option[0] for option in cgp.ENV_OPTIONS] + [name for name, _ in cgp.OTHER_ENV]
+    for name in names:  # every variable the proxy reads is documented in all three places
+        assert name in cgp.__doc__, name
+        assert name in done.stdout, name
+        assert any(f"`{name}`" in line for line in table), name
 
 
 def test_bad_values_are_refused():
@@ -539,12 +544,17 @@ def test_no_proxy_rules(host, no_proxy, bypass):
 
 
 def test_config_is_read_only_and_hides_secrets_in_repr():
-    config = cgp.Config(api_keys=("AIzaSecret",), proxy_auth_token="tok", port=1)
+    config = cgp.Config(api_keys=("AIzaSecret",), proxy_auth_token="t0ken-s3cret", port=1)
     with pytest.raises(AttributeError):
         config.port = 2
     with pytest.raises(TypeError):
         cgp.Config(no_such_setting=1)
-    assert "AIzaSecret" not in repr(config) and "tok" not in repr(config) and "port=1" in repr(config)
+    assert "AIzaSecret" not in repr(config) and "t0ken" not in repr(config) and "port=1" in repr(config)
+    shown = repr(cgp.Config(https_proxy="http://alice:s3cret@egress:3128", auth_command="print-tok",
+                            api_base="https://bob:pw2@gw.example/v1beta", signature_key=b"sigkey"))
+    for secret in ("alice", "s3cret", "bob", "pw2", "print-tok", "sigkey"):
+        assert secret not in shown, secret
+    assert "http://egress:3128" in shown and "stream_mode='live'" in shown  # defaults shown too
 
 
 @pytest.mark.parametrize("client_model,expected", [
@@ -588,20 +598,27 @@ def test_startup_line_never_shows_the_key(tmp_path):
 
 # == Errors ===================================================================
 
-@pytest.mark.parametrize("status,client_status,error_type", [
-    (400, 400, "invalid_request_error"), (401, 403, "permission_error"), (403, 403, "permission_error"),
-    (404, 404, "not_found_error"), (429, 429, "rate_limit_error"), (500, 500, "api_error"),
-    (503, 529, "overloaded_error"), (504, 504, "timeout_error"),
+@pytest.mark.parametrize("status,client_status,error_type,should_retry", [
+    (400, 400, "invalid_request_error", "false"), (401, 403, "permission_error", "false"),
+    (403, 403, "permission_error", "false"), (404, 404, "not_found_error", "false"),
+    (408, 504, "timeout_error", None), (413, 413, "request_too_large", "false"),
+    (429, 429, "rate_limit_error", None), (500, 500, "api_error", None),
+    (502, 502, "api_error", None), (503, 529, "overloaded_error", None),
+    (504, 504, "timeout_error", None),
 ])
-def test_upstream_statuses_map_to_anthropic_errors(gemini, proxy, status, client_status, error_type):
+def test_upstream_statuses_map_to_anthropic_errors(gemini, proxy, status, client_status,
+                                                   error_type, should_retry):
     gemini.script = [Reply(status=status, error=gemini_error(status, "upstream says no"))]
     answer = post(proxy, messages_body())
     assert answer.status == client_status
     assert answer.json["type"] == "error" and answer.json["error"]["type"] == error_type
-    assert answer.json["error"]["message"]
+    assert "upstream says no" in answer.json["error"]["message"]
+    assert answer.headers.get("x-should-retry") == should_retry
     if client_status in (429, 529):
         assert int(answer.headers["retry-after"]) > 0
+    assert len(gemini.bodies) == 1  # max_retries=0: one call, whatever the status
     assert post(proxy, messages_body()).status == 200  # the next request is served as before
+    assert len(gemini.bodies) == 2
 
 
 def test_rate_limit_retry_after_comes_from_gemini_retry_delay(gemini, proxy):
