@@ -397,7 +397,7 @@ CARRIER_VERSION = b"\x01"
 CARRIER_MAC_BYTES = 16
 CARRIER_NONCE_BYTES = 6  # two calls with the same Gemini call id still get distinct tool ids
 # What kind of Gemini part a signature came on, so replay puts it back on the same kind.
-KIND_CALL, KIND_THOUGHT, KIND_TEXT = b"f", b"t", b"x"
+KIND_CALL, KIND_THOUGHT = b"f", b"t"
 
 
 # What a carrier holds: the issuing model, part kind, Gemini call id and signature.
@@ -451,11 +451,6 @@ def decode_carrier(key: bytes, token: str) -> Carried | None:
     else:
         signature = packed[1:].decode("ascii")
     return Carried(model, kind, call_id, signature)
-
-
-def text_signature_key(model: str, text: str) -> str:
-    """Return the LRU key of the signature Gemini gave a model's text answer."""
-    return "text:" + hashlib.sha256(f"{model}\0{text}".encode()).hexdigest()
 
 
 class SignatureStore:
@@ -526,6 +521,9 @@ FUNCTION_RESPONSE_MEDIA = (
 GEMINI_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,63}$")
 GEMINI_NAME_BAD_CHARS_RE = re.compile(r"[^A-Za-z0-9_.:-]")
 BILLING_HEADER_PREFIX = "x-anthropic-billing-header"
+# A role=system message or mid_conv_system block stays where the client put it, as user text
+# marked for the model; in systemInstruction it would change the start of every later prompt.
+SYSTEM_NOTE = "<system-message>\n%s\n</system-message>"
 SAFETY_OFF = [{"category": c, "threshold": "OFF"} for c in (
     "HARM_CATEGORY_HARASSMENT", "HARM_CATEGORY_HATE_SPEECH",
     "HARM_CATEGORY_SEXUALLY_EXPLICIT", "HARM_CATEGORY_DANGEROUS_CONTENT")]
@@ -647,6 +645,12 @@ def _blocks(content, where: str) -> list:
         if not isinstance(block, dict) or not isinstance(block.get("type"), str):
             raise bad_request(f"{where}.{i}: must be an object with a type")
     return content
+
+
+def _system_note(content, where: str) -> list:
+    """Return the text part a mid-conversation system message becomes, in place."""
+    texts = _texts(content, where) if content is not None else []
+    return [{"text": SYSTEM_NOTE % "\n\n".join(texts)}] if texts else []
 
 
 def _texts(content, where: str) -> list:
@@ -800,7 +804,7 @@ class _HistoryTranslator:
         self.signatures = signatures
         self.new_media = model_version(model) >= (3, 0)
         self.contents: list = []
-        self.system: list = []
+        self.notes: list = []  # an assistant message's system notes, for the user turn after it
         self.pending: OrderedDict = OrderedDict()  # tool_use id -> (gemini name, call id)
 
     def add(self, message, where: str) -> None:
@@ -810,13 +814,15 @@ class _HistoryTranslator:
         if "content" not in message:
             raise bad_request(f"{where}.content: field required")
         if role == "system":  # Claude Code puts role=system entries inside messages
-            self.system.extend(_texts(message["content"], f"{where}.content"))
+            self._append("user", _system_note(message["content"], f"{where}.content"))
             return
         if role not in ("user", "assistant"):
-            raise bad_request(f"{where}.role: must be 'user' or 'assistant'")
+            raise bad_request(f"{where}.role: must be 'user', 'assistant' or 'system'")
         blocks = _blocks(message["content"], f"{where}.content")
         if role == "assistant":
             self._append("model", self._model_parts(blocks, where))
+            notes, self.notes = self.notes, []
+            self._append("user", notes)
         else:
             self._append("user", self._user_parts(blocks, where))
 
@@ -833,12 +839,8 @@ class _HistoryTranslator:
         for i, block in enumerate(blocks):
             kind = block["type"]
             if kind == "text":  # {text}
-                if block.get("text"):
-                    part = {"text": block["text"]}
-                    carried = self.signatures.get(text_signature_key(self.model, block["text"]))
-                    if carried:
-                        part["thoughtSignature"] = carried.signature
-                    parts.append(part)
+                if block.get("text"):  # without Gemini's text signature: see ResponseFold._part
+                    parts.append({"text": block["text"]})
             elif kind == "thinking":  # {thinking, signature}: only Gemini's own, same model
                 carried = self.signatures.resolve(block.get("signature") or "")
                 if carried and carried.model == self.model and carried.kind == KIND_THOUGHT:
@@ -846,6 +848,8 @@ class _HistoryTranslator:
                                   "thoughtSignature": carried.signature})
             elif kind == "tool_use":  # {id, name, input}
                 parts.append(self._call_part(block, f"{where}.content.{i}"))
+            elif kind == "mid_conv_system":  # {content: [text]}: the model must not say it
+                self.notes.extend(_system_note(block.get("content"), f"{where}.content.{i}"))
             else:  # compaction, server artefacts, newer blocks
                 parts.extend(_other_block_parts(block))
         return parts
@@ -885,6 +889,8 @@ class _HistoryTranslator:
                 else:
                     responses[tool_id] = response
                     after.extend(extra)
+            elif kind == "mid_conv_system":  # {content: [text]}
+                parts.extend(_system_note(block.get("content"), here))
             else:  # search_result, compaction, server artefacts, newer blocks
                 parts.extend(_other_block_parts(block))
         # Gemini wants one response per call, in call order, before the turn's other parts.
@@ -901,20 +907,16 @@ class _HistoryTranslator:
         return ordered + after + parts
 
     def finish(self) -> list:
-        """Return the contents, with the bypass signature where Gemini 3 requires one."""
+        """Return the contents, with the bypass signature where Gemini 3 may require one."""
         contents = self.contents
         if contents and contents[0]["role"] == "model":  # Gemini rejects history opening on a call
             contents.insert(0, {"role": "user", "parts": [{"text": "(continued conversation)"}]})
         for content in contents:  # parts of consecutive same-role messages: responses first
             if content["role"] == "user" and len(content["parts"]) > 1:
                 content["parts"].sort(key=lambda part: "functionResponse" not in part)
-        turn_start = 0
-        for i, content in enumerate(contents):
-            if content["role"] == "user" and any(
-                "functionResponse" not in p for p in content["parts"]
-            ):
-                turn_start = i
-        for content in contents[turn_start:]:
+        # Gemini validates only the current turn, but a turn's bytes must not change once a later
+        # turn begins (the implicit cache needs a byte-equal prefix): every turn gets the bypass.
+        for content in contents:
             if content["role"] == "model":
                 for part in content["parts"]:
                     if "functionCall" in part:
@@ -966,7 +968,8 @@ def _offered_tools(tools: list, messages: list) -> tuple:
 
 def _function_declarations(tools: list, messages: list) -> tuple:
     """Return (declarations, gemini->client names, server tools by name) for a tools list."""
-    declarations, names, server_tools = [], {}, {}
+    declarations, names, server_tools, later = [], {}, {}, {}
+    client_names = {t.get("name") for t in tools if isinstance(t, dict)}
     offered, tools = _offered_tools(tools, messages)
     for i, tool in enumerate(tools):
         if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
@@ -976,54 +979,69 @@ def _function_declarations(tools: list, messages: list) -> tuple:
         kind = tool.get("type")
         if kind and kind != "custom" and "input_schema" not in tool:  # server or typed tool
             server_tools[tool["name"]] = tool
-            continue
-        schema = tool.get("input_schema")
-        schema = schema if isinstance(schema, dict) else {"type": "object", "properties": {}}
-        if "$schema" in schema:  # the one keyword parametersJsonSchema rejects
-            schema = {k: v for k, v in schema.items() if k != "$schema"}
-        gemini_name = gemini_tool_name(tool["name"])
-        names[gemini_name] = tool["name"]
-        declaration = {"name": gemini_name, "description": tool.get("description") or "",
-                       "parametersJsonSchema": schema}
-        declarations.append(declaration)
+        elif offered.get(tool["name"]) and (
+            tool.get("defer_loading") or tool["name"] not in client_names
+        ):  # loaded by tool search or a tool_addition, or defined inline
+            later[tool["name"]] = tool
+        else:
+            declarations.append(_declaration(tool, names))
+    # Tools the history offered go last, in the order it offered them: the list only grows at
+    # its end as the conversation goes on, so more of each prompt matches the one before.
+    for name in offered:
+        if name in later:
+            declarations.append(_declaration(later.pop(name), names))
     if len(declarations) > GEMINI_DECLARATION_LIMIT:
         raise bad_request(f"tools: Gemini accepts at most {GEMINI_DECLARATION_LIMIT} tools, "
                           f"this request has {len(declarations)}")
     return declarations, names, server_tools
 
 
+def _declaration(tool: dict, names: dict) -> dict:
+    """Return the functionDeclaration of a client tool, noting its Gemini name in `names`."""
+    schema = tool.get("input_schema")
+    schema = schema if isinstance(schema, dict) else {"type": "object", "properties": {}}
+    if "$schema" in schema:  # the one keyword parametersJsonSchema rejects
+        schema = {k: v for k, v in schema.items() if k != "$schema"}
+    gemini_name = gemini_tool_name(tool["name"])
+    names[gemini_name] = tool["name"]
+    return {"name": gemini_name, "description": tool.get("description") or "",
+            "parametersJsonSchema": schema}
+
+
 def _thinking_config(body: dict, model: str) -> tuple:
     """Return (thinkingConfig or None, thinking display) for the client's thinking request."""
     thinking = body.get("thinking") or {}
     kind = thinking.get("type")
+    if kind not in ("enabled", "adaptive"):  # disabled, or absent as on Claude Code's helper
+        return _least_thinking(model), ""  # calls, whose effort asks for nothing to be thought
     effort = (body.get("output_config") or {}).get("effort")
     legacy = model_version(model) < (3, 0)
+    budget_cap = 32768 if "pro" in model else 24576
     config = {}
-    if kind == "disabled":
-        if legacy:
-            config["thinkingBudget"] = 128 if "pro" in model else 0
-        else:
-            config["thinkingLevel"] = _lowest_level(model)
-        return config, ""
     if kind == "enabled" and isinstance(thinking.get("budget_tokens"), int):
         budget = thinking["budget_tokens"]
         if legacy:
-            config["thinkingBudget"] = min(budget, 32768 if "pro" in model else 24576)
+            config["thinkingBudget"] = min(budget, budget_cap)
         else:
             config["thinkingLevel"] = (
                 "LOW" if budget <= 4096 else "MEDIUM" if budget <= 16384 else "HIGH"
             )
     elif effort in EFFORT_LEVELS:
         if legacy:
-            config["thinkingBudget"] = min(
-                EFFORT_BUDGETS[effort], 32768 if "pro" in model else 24576
-            )
+            config["thinkingBudget"] = min(EFFORT_BUDGETS[effort], budget_cap)
         else:
             config["thinkingLevel"] = EFFORT_LEVELS[effort]
-    if kind in ("enabled", "adaptive"):
-        config["includeThoughts"] = True
-        return config, "omitted" if thinking.get("display") == "omitted" else "summarized"
-    return (config or None), ""
+    config["includeThoughts"] = True
+    return config, "omitted" if thinking.get("display") == "omitted" else "summarized"
+
+
+def _least_thinking(model: str) -> dict | None:
+    """Return the thinkingConfig for the least thinking a model allows (None: it cannot think)."""
+    if not MODEL_VERSION_RE.match(model) or model_version(model) < (2, 5):
+        return None
+    if model_version(model) < (3, 0):
+        return {"thinkingBudget": 128 if "pro" in model else 0}
+    return {"thinkingLevel": _lowest_level(model)}
 
 
 def _lowest_level(model: str) -> str:
@@ -1078,13 +1096,36 @@ def to_gemini_request(body: dict, config: Config, signatures: SignatureStore) ->
     _check_body(body)
     model = map_model(body["model"], config)
     history = _HistoryTranslator(model, signatures)
-    system = _texts(body["system"], "system") if body.get("system") else []
     for i, message in enumerate(body["messages"]):
         history.add(message, f"messages.{i}")
     contents = history.finish()
     if not contents:
         raise bad_request("messages: at least one message with content is required")
-    system.extend(history.system)
+    system = _texts(body["system"], "system") if body.get("system") else []
+    tools, names, web_search = _gemini_tools(body)
+    if web_search:
+        system.append(_web_search_prompt(web_search))
+    # What stays the same from turn to turn comes first and contents last, so each turn's body
+    # starts with the bytes of the one before (Gemini's implicit cache wants an equal prefix).
+    gemini_body = {}
+    if system:
+        gemini_body["systemInstruction"] = {"parts": [{"text": text} for text in system]}
+    gemini_body.update(tools)
+    generation = _generation_config(body, model, config)
+    thinking_config, thinking = _thinking_config(body, model)
+    if thinking_config:
+        generation["thinkingConfig"] = thinking_config
+    gemini_body["generationConfig"] = generation
+    gemini_body["safetySettings"] = SAFETY_OFF
+    gemini_body["contents"] = contents
+    return GeminiRequest(client_model=body["model"], model=model, body=gemini_body,
+                         stream=bool(body.get("stream")), tool_names=names,
+                         stop_sequences=tuple(body.get("stop_sequences") or ()),
+                         thinking=thinking, web_search=web_search)
+
+
+def _gemini_tools(body: dict) -> tuple:
+    """Return ({tools, toolConfig}, gemini->client names, web_search tool Google answers)."""
     declarations, names, server_tools = _function_declarations(
         body.get("tools") or [], body["messages"]
     )
@@ -1093,31 +1134,13 @@ def to_gemini_request(body: dict, config: Config, signatures: SignatureStore) ->
         (t for t in server_tools.values() if str(t.get("type")).startswith("web_search")), None
     )
     if web_search and (choice.get("name") == web_search["name"] or not declarations):
-        system.append(_web_search_prompt(web_search))
-    else:
-        if server_tools:
-            log.debug(
-                "server tools left out (Gemini cannot run them): %s", ", ".join(server_tools)
-            )
-        web_search = None
-    gemini_body = {"contents": contents}
-    if system:
-        gemini_body["systemInstruction"] = {"parts": [{"text": text} for text in system]}
-    if web_search:
-        gemini_body["tools"] = [{"googleSearch": {}}]
-    elif declarations:
-        gemini_body["tools"] = [{"functionDeclarations": declarations}]
-        gemini_body["toolConfig"] = {"functionCallingConfig": _function_calling(choice, names)}
-    generation = _generation_config(body, model, config)
-    thinking_config, thinking = _thinking_config(body, model)
-    if thinking_config:
-        generation["thinkingConfig"] = thinking_config
-    gemini_body["generationConfig"] = generation
-    gemini_body["safetySettings"] = SAFETY_OFF
-    return GeminiRequest(client_model=body["model"], model=model, body=gemini_body,
-                         stream=bool(body.get("stream")), tool_names=names,
-                         stop_sequences=tuple(body.get("stop_sequences") or ()),
-                         thinking=thinking, web_search=web_search)
+        return {"tools": [{"googleSearch": {}}]}, names, web_search
+    if server_tools:
+        log.debug("server tools left out (Gemini cannot run them): %s", ", ".join(server_tools))
+    if not declarations:
+        return {}, names, None
+    return {"tools": [{"functionDeclarations": declarations}],
+            "toolConfig": {"functionCallingConfig": _function_calling(choice, names)}}, names, None
 
 
 # == Response: Gemini -> Anthropic ============================================
@@ -1173,7 +1196,6 @@ class ResponseFold:
         self.saw_candidate = False
         self.called_tool = False
         self.search_requests = 0
-        self.text_signature = ""
         self.usage_metadata: dict = {}
         self.done = False  # a stop sequence matched: read no further
 
@@ -1237,7 +1259,6 @@ class ResponseFold:
         if self.stop_reason is None:
             self.stop_reason = self._stop_reason(events)
         self._close(events)
-        self._keep_text_signature()
         delta = {"stop_reason": self.stop_reason, "stop_sequence": self.stop_sequence}
         events.append(
             ("message_delta", {"type": "message_delta", "delta": delta, "usage": self.usage()})
@@ -1268,17 +1289,6 @@ class ResponseFold:
         if self.finish_reason not in STOP_REASONS:
             raise ProxyError(502, "api_error", f"Gemini stopped with {self.finish_reason}")
         return STOP_REASONS[self.finish_reason]
-
-    def _keep_text_signature(self) -> None:
-        # A text signature has no carrier Claude Code keeps: a block after the text would become
-        # "the reply". Gemini does not validate these, so the LRU keyed by the text is enough.
-        texts = [block["text"] for block in self.blocks if block["type"] == "text"]
-        if self.text_signature and texts:  # the first answer with this text keeps its signature,
-            key = text_signature_key(self.request.model, texts[-1])  # so the replayed prefix stays
-            if self.signatures.get(key) is None:  # byte-stable for Gemini's implicit cache
-                self.signatures.put(
-                    key, Carried(self.request.model, KIND_TEXT, "", self.text_signature)
-                )
 
     def usage(self) -> dict:
         """Return Anthropic usage from the latest Gemini usageMetadata."""
@@ -1320,11 +1330,11 @@ class ResponseFold:
                 self._delta(part["text"], events)
             if signature:
                 self._sign(signature, events)
-        elif "text" in part:  # {text, thoughtSignature?}: a trailing empty part may carry one
-            if part["text"]:
-                self._text(part["text"], events)
-            if signature:
-                self.text_signature = signature
+        elif part.get("text"):  # {text, thoughtSignature?}
+            # A text part's signature is dropped: no field Claude Code keeps can carry it (a block
+            # after the text would become the reply it shows), Gemini does not check it, and held
+            # in one instance's memory it made the replayed history differ between instances.
+            self._text(part["text"], events)
 
     def _open(self, kind: str, events: list) -> None:
         if self.open_kind == kind:

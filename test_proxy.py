@@ -736,15 +736,47 @@ def translate(body, model="gemini-3.5-flash", store=None, **config):
     return cgp.to_gemini_request(body, cgp.Config(**config), store or cgp.SignatureStore(b"k" * 32))
 
 
-def test_system_string_blocks_and_system_messages_fold_into_system_instruction():
+def note(text):
+    return {"text": f"<system-message>\n{text}\n</system-message>"}
+
+
+def test_only_top_level_system_forms_system_instruction_and_system_messages_stay_in_place():
     request = translate({"system": [
         {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.331.44a;"},
         {"type": "text", "text": "You are helpful.", "cache_control": {"type": "ephemeral"}}],
         "messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "Be brief."},
-                     {"role": "assistant", "content": "ok"}, {"role": "user", "content": "go"}]})
-    assert request.body["systemInstruction"] == {"parts": [{"text": "You are helpful."}, {"text": "Be brief."}]}
-    assert [c["role"] for c in request.body["contents"]] == ["user", "model", "user"]
+                     {"role": "assistant", "content": "ok"},
+                     {"role": "system", "content": [{"type": "text", "text": "Reminder.",
+                                                     "cache_control": {"type": "ephemeral"}}]},
+                     {"role": "user", "content": "go"}]})
+    assert request.body["systemInstruction"] == {"parts": [{"text": "You are helpful."}]}
+    assert request.body["contents"] == [
+        {"role": "user", "parts": [{"text": "hi"}, note("Be brief.")]},
+        {"role": "model", "parts": [{"text": "ok"}]},
+        {"role": "user", "parts": [note("Reminder."), {"text": "go"}]}]
     assert "cache_control" not in json.dumps(request.body)
+
+
+def test_mid_conv_system_blocks_become_notes_where_they_stand():
+    request = translate({"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "mid_conv_system", "content": [
+            {"type": "text", "text": "Use tabs."}], "cache_control": {"type": "ephemeral"}},
+            {"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "ok"}, {"type": "mid_conv_system",
+                                                                         "content": [{"type": "text", "text": "Later."}]}]},
+        {"role": "user", "content": "c"}]})
+    assert request.body["contents"] == [
+        {"role": "user", "parts": [{"text": "a"}, note("Use tabs."), {"text": "b"}]},
+        {"role": "model", "parts": [{"text": "ok"}]},  # never in the model's own mouth
+        {"role": "user", "parts": [note("Later."), {"text": "c"}]}]
+    assert "systemInstruction" not in request.body
+
+
+def test_system_note_after_a_tool_call_follows_the_function_response():
+    request = translate({"messages": tool_loop_messages()[:2] + [
+        {"role": "system", "content": "Tasks are idle."}] + tool_loop_messages()[2:]})
+    assert [list(p) for p in request.body["contents"][2]["parts"]] == [["functionResponse"], ["text"]]
+    assert request.body["contents"][2]["parts"][1] == note("Tasks are idle.")
 
 
 def test_consecutive_turns_of_one_role_are_merged():
@@ -866,6 +898,24 @@ def test_tools_keep_full_json_schema_minus_root_schema_keyword():
     assert declaration == {"name": "T", "description": "d", "parametersJsonSchema": expected}
 
 
+def test_tools_loaded_by_tool_search_are_declared_last_in_load_order():
+    deferred = [{"name": n, "defer_loading": True, "input_schema": {"type": "object"}} for n in ("A", "C")]
+    tools = [deferred[0], {"name": "B", "input_schema": {"type": "object"}}, deferred[1]]
+    loads = [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_s", "content": [
+        {"type": "tool_reference", "tool_name": name}]}]} for name in ("C", "A")]
+    messages = [{"role": "user", "content": "go"}, {"role": "assistant", "content": [
+        {"type": "tool_use", "id": "toolu_s", "name": "ToolSearch", "input": {}}]}, loads[0],
+        {"role": "assistant", "content": "ok"}, dict(loads[1], content=[dict(loads[1]["content"][0])])]
+    assert declared(translate({"tools": tools, "messages": messages[:3]}).body) == ["B", "C"]
+    assert declared(translate({"tools": tools, "messages": messages}).body) == ["B", "C", "A"]
+
+
+def test_body_keys_put_what_every_turn_shares_before_contents():
+    body = translate({"system": "s", "tools": TOOLS, "messages": [{"role": "user", "content": "hi"}]}).body
+    assert list(body) == ["systemInstruction", "tools", "toolConfig", "generationConfig", "safetySettings",
+                          "contents"]
+
+
 def test_server_tools_are_left_out_not_rejected():
     request = translate({"messages": [{"role": "user", "content": "hi"}], "tools": [
         {"type": "web_search_20250305", "name": "web_search"},
@@ -932,13 +982,23 @@ def test_generation_config_and_clamps():
     ("gemini-3.5-flash", {"type": "adaptive"}, "max", {"thinkingLevel": "HIGH", "includeThoughts": True}),
     ("gemini-2.5-flash", {"type": "adaptive"}, "high", {"thinkingBudget": 16384, "includeThoughts": True}),
     ("gemini-2.5-flash", {"type": "adaptive"}, "max", {"thinkingBudget": 24576, "includeThoughts": True}),
+    # Claude Code's helper calls (WebFetch summary, WebSearch, /rename): effort high, no thinking field.
+    ("gemini-3.5-flash", None, "high", {"thinkingLevel": "MINIMAL"}),
+    ("gemini-3.1-pro-preview", None, "max", {"thinkingLevel": "LOW"}),
+    ("gemini-2.5-flash", None, "high", {"thinkingBudget": 0}),
+    ("gemini-2.5-pro", None, None, {"thinkingBudget": 128}),
+    ("gemini-3.5-flash", {"type": "disabled"}, "max", {"thinkingLevel": "MINIMAL"}),
+    ("gemini-2.0-flash", None, "high", None),  # cannot think: no thinkingConfig at all
 ])
 def test_thinking_maps_per_model_family(model, thinking, effort, expected):
-    body = {"messages": [{"role": "user", "content": "hi"}], "thinking": thinking}
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    if thinking:
+        body["thinking"] = thinking
     if effort:
         body["output_config"] = {"effort": effort}
     request = translate(body, model=model)
-    assert request.body["generationConfig"]["thinkingConfig"] == expected
+    assert request.body["generationConfig"].get("thinkingConfig") == expected
+    assert request.thinking == ("summarized" if thinking and thinking["type"] != "disabled" else "")
 
 
 def test_structured_output_becomes_response_json_schema():
@@ -1075,7 +1135,8 @@ def test_text_signature_never_becomes_a_block_after_the_text(gemini, proxy):
     assert [b["type"] for b in message["content"]] == ["thinking", "text"]  # Claude Code shows the last block
     body["messages"] += [{"role": "assistant", "content": message["content"]}, {"role": "user", "content": "more"}]
     assert post(proxy, body).status == 200
-    assert gemini.bodies[-1]["contents"][1]["parts"] == [{"text": "Answer", "thoughtSignature": signature}]
+    # Not replayed: the bytes of a text part depend only on what the client sent back.
+    assert gemini.bodies[-1]["contents"][1]["parts"] == [{"text": "Answer"}]
 
 
 def test_tool_ids_carry_gemini_call_id_and_signature_and_are_unique():
@@ -1690,7 +1751,7 @@ def test_thinking_round_trips_with_its_signature(gemini, proxy):
     assert model_turn["parts"][1]["thoughtSignature"] in gemini.issued
 
 
-def test_first_call_of_current_turn_without_signature_gets_the_bypass_only_there():
+def test_first_call_of_every_turn_without_signature_gets_the_bypass():
     request = translate({"messages": [
         {"role": "user", "content": "old"},
         {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_old", "name": "Bash", "input": {}}]},
@@ -1702,7 +1763,8 @@ def test_first_call_of_current_turn_without_signature_gets_the_bypass_only_there
         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_n1", "content": "1"},
                                      {"type": "tool_result", "tool_use_id": "toolu_n2", "content": "2"}]}]})
     calls = replayed_calls(request.body)
-    assert "thoughtSignature" not in calls[0]  # an earlier turn is not validated
+    # An earlier turn is not validated, but keeps the bypass it had when it was the current one.
+    assert calls[0]["thoughtSignature"] == cgp.BYPASS_SIGNATURE
     assert calls[1]["thoughtSignature"] == cgp.BYPASS_SIGNATURE and "thoughtSignature" not in calls[2]
 
 
@@ -2467,8 +2529,8 @@ def test_claude_code_main_request_reaches_gemini_cleanly(gemini, proxy):
     events, message = cc_stream(proxy, claude_code_request(CC_FIRST_MESSAGES))
     sent = gemini.bodies[0]
     assert declared(sent) == ["Bash", "ToolSearch"]  # deferred tools wait for a tool_reference
-    assert [p["text"] for p in sent["systemInstruction"]["parts"]] == [
-        CC_SYSTEM[1]["text"], CC_SYSTEM[2]["text"], CC_FIRST_MESSAGES[1]["content"][0]["text"]]
+    assert [p["text"] for p in sent["systemInstruction"]["parts"]] == [CC_SYSTEM[1]["text"], CC_SYSTEM[2]["text"]]
+    assert sent["contents"][0]["parts"][-1] == note(CC_FIRST_MESSAGES[1]["content"][0]["text"])
     assert "billing-header" not in json.dumps(sent) and "cache_control" not in json.dumps(sent)
     assert "device_id" not in json.dumps(sent) and "clear_thinking" not in json.dumps(sent)
     assert sent["generationConfig"]["thinkingConfig"] == {"thinkingLevel": "HIGH", "includeThoughts": True}
@@ -2664,7 +2726,7 @@ def test_search_results_compaction_and_server_artefacts_become_text_or_are_dropp
     user, model, last = gemini.bodies[-1]["contents"]
     assert user["parts"] == [{"text": "Look this up."}, {"text": "Doc A (https://docs.example/a)\nA says 42."}]
     assert model["parts"][0] == {"text": "Earlier: the user asked about A."}
-    assert [list(p) for p in model["parts"]] == [["text"], ["functionCall"]]  # the rest dropped
+    assert [list(p) for p in model["parts"]] == [["text"], ["functionCall", "thoughtSignature"]]  # rest dropped
     result = last["parts"][0]["functionResponse"]["response"]["result"]
     assert result == "Doc A (https://docs.example/a)\nA says 42."
     assert last["parts"][1:] == [{"text": "Keep answers short."}]
