@@ -4,6 +4,7 @@ One file, standard library only, Python 3.9+.  The proxy speaks the Anthropic Me
 to its clients and the Gemini REST API (v1beta) upstream.
 
 Run:   GEMINI_API_KEY=... python3 claude_gemini_proxy.py      (listens on 127.0.0.1:8318)
+Check: GEMINI_API_KEY=... python3 claude_gemini_proxy.py --check   (tests the set-up, then exits)
 Use:   ANTHROPIC_BASE_URL=http://127.0.0.1:8318 ANTHROPIC_API_KEY=anything claude
 Test:  python3 -m pip install pytest && python3 -m pytest -q
 
@@ -17,6 +18,8 @@ Environment (command-line flags beat the environment, which beats a ./.env file)
   PROXY_AUTH_TOKEN      when set, clients must send it (x-api-key or Bearer)
   DEFAULT_GEMINI_MODEL  gemini-3.5-flash
   MODEL_MAP             extra routing, e.g. "claude-haiku-*=gemini-3.5-flash"
+  MODEL_FALLBACKS       model=fallback,... tried once on a 404, 429 or 503 for the model
+  TOOL_SCHEMA_REPAIR    on; "off" lets a tool schema Gemini rejects fail the request
   MAX_OUTPUT_TOKENS     60000 (clamp for max_tokens)
   STREAM_MODE           live (relay chunks) or buffered (one upstream call, replayed)
   UPSTREAM_TIMEOUT      600 seconds to the first byte and between stream chunks
@@ -30,7 +33,7 @@ Environment (command-line flags beat the environment, which beats a ./.env file)
 
 Sections (grep '^# ==' for line numbers): Configuration, Errors, Signature store,
 Request: Anthropic -> Gemini, Response: Gemini -> Anthropic, Operators: metrics,
-Upstream client, Model list, HTTP handler, Main.
+Upstream client, Model list, Self-healing, HTTP handler, Main.
 
 Copyright (c) 2026 the claude_gemini_proxy authors.
 License: MIT (see LICENSE)
@@ -40,6 +43,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import difflib
 import fnmatch
 import hashlib
 import hmac
@@ -92,6 +96,8 @@ class Config:
     proxy_auth_token = ""  # empty: the proxy is open (it binds to loopback by default)
     default_model = "gemini-3.5-flash"
     model_map = ()  # ((glob, gemini model), ...), first match wins
+    model_fallbacks = ()  # ((model, fallback), ...): retired and overloaded models answer anyway
+    tool_schema_repair = True  # retry a tool schema Gemini rejects in a reduced form
     max_output_tokens = 60000  # clamp: larger values get a Gemini 400
     stream_mode = "live"  # "buffered" for gateways that cannot stream
     upstream_timeout = 600.0  # long thinking is normal; this is to first byte and between chunks
@@ -144,6 +150,31 @@ def _without_userinfo(url: str) -> str:
     return scheme + sep + rest.rpartition("@")[2]
 
 
+def parse_model_fallbacks(text: str) -> tuple:
+    """Return ((model, fallback), ...) from "model=fallback,model=fallback"."""
+    pairs = []
+    for item in text.split(","):
+        model, sep, fallback = (part.strip() for part in item.partition("="))
+        if not item.strip():
+            continue
+        if not sep or not model or not fallback or model == fallback or any(
+            bad in model + fallback for bad in UNSAFE_MODEL_PARTS
+        ):
+            raise ValueError(f"MODEL_FALLBACKS entry {item.strip()!r} is not model=other-model")
+        if model in dict(pairs):
+            raise ValueError(f"MODEL_FALLBACKS names {model} twice")
+        pairs.append((model, fallback))
+    return tuple(pairs)
+
+
+def parse_on_off(text: str) -> bool:
+    """Return True for on/true/1/yes, False for off/false/0/no."""
+    value = text.strip().lower()
+    if value not in ("on", "true", "1", "yes", "off", "false", "0", "no"):
+        raise ValueError(f"{text!r} is not on or off")
+    return value in ("on", "true", "1", "yes")
+
+
 ENV_OPTIONS = (
     # (env name, flag, Config field, converter, help)
     ("HOST", "--host", "host", str, "address to listen on"),
@@ -160,6 +191,10 @@ ENV_OPTIONS = (
     ("SHUTDOWN_GRACE", None, "shutdown_grace", float, "seconds in-flight work gets on SIGTERM"),
     ("GEMINI_AUTH_COMMAND", None, "auth_command", str, "command printing a bearer token"),
     ("GEMINI_AUTH_TTL", None, "auth_ttl", float, "seconds before the token command runs again"),
+    ("MODEL_FALLBACKS", None, "model_fallbacks", parse_model_fallbacks,
+     "model=fallback,...: sent once on a 404, 429 or 503"),
+    ("TOOL_SCHEMA_REPAIR", None, "tool_schema_repair", parse_on_off,
+     "on/off: retry a rejected tool schema reduced"),
 )
 
 
@@ -209,12 +244,18 @@ def parse_model_map(text: str) -> tuple:
     return tuple(rules)
 
 
+def _shown_default(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "unset" if value in ((), "") else repr(value)
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     """Return the command-line parser; its help lists every option and variable."""
     defaults = Config()
     epilog = ["environment variables (flags beat them; they beat ./.env):"]
     for env, _flag, name, _conv, text in ENV_OPTIONS:
-        epilog.append(f"  {env:<21} {text} (default: {getattr(defaults, name)!r})")
+        epilog.append(f"  {env:<21} {text} (default: {_shown_default(getattr(defaults, name))})")
     epilog += [f"  {env:<21} {text}" for env, text in OTHER_ENV]
     epilog += ["", "example:  GEMINI_API_KEY=... python3 claude_gemini_proxy.py --port 8318"]
     parser = argparse.ArgumentParser(
@@ -229,6 +270,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--debug", action="store_true", default=None, help="verbose logs (env DEBUG)"
     )
+    parser.add_argument("--check", action="store_true", default=False,
+                        help="check keys, base URL and models, print Claude Code's settings, exit")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -244,7 +287,9 @@ def read_config(argv: list | None, environ: dict, dotenv_text: str = "") -> Conf
         if raw is None and env.get(name_env, "") != "":
             try:
                 raw = conv(env[name_env])
-            except ValueError:
+            except ValueError as exc:
+                if conv not in (int, float):
+                    raise ValueError(f"{name_env}: {exc}") from None
                 raise ValueError(f"{name_env}={env[name_env]!r} is not a valid {conv.__name__}")
         if raw is not None:
             values[name] = raw
@@ -1006,6 +1051,213 @@ def _declaration(tool: dict, names: dict) -> dict:
     names[gemini_name] = tool["name"]
     return {"name": gemini_name, "description": tool.get("description") or "",
             "parametersJsonSchema": schema}
+
+
+# A tool schema Gemini rejects is retried reduced to Gemini's `parameters` Schema, an OpenAPI 3.0
+# subset: one type per schema, string-only enums, `anyOf` alone, no refs. The rest is described.
+SCHEMA_TYPE_KEYS = {
+    "string": ("format", "enum", "minLength", "maxLength", "pattern"),
+    "number": ("format", "minimum", "maximum"),
+    "integer": ("format", "minimum", "maximum"),
+    "boolean": (),
+    "array": ("minItems", "maxItems"),
+    "object": ("minProperties", "maxProperties"),
+}
+SCHEMA_COMMON_KEYS = ("title", "description", "default", "example")
+# Handled by _SchemaReducer itself, or dropped without a word: annotations and "no extras" rules.
+SCHEMA_QUIET_KEYS = frozenset((
+    "type", "nullable", "items", "properties", "required", "propertyOrdering", "anyOf", "oneOf",
+    "allOf", "$ref", "const", "$schema", "$id", "$comment", "$anchor", "$defs", "definitions",
+    "additionalProperties", "unevaluatedProperties", "deprecated", "readOnly", "writeOnly",
+    "examples", "strict",
+))
+SCHEMA_MAX_DEPTH = 12
+SCHEMA_NOTES_SHOWN = 12
+
+
+class _SchemaReducer:
+    """Reduces one JSON Schema to Gemini's `parameters` Schema, noting what it had to leave out."""
+
+    def __init__(self, root: dict):
+        self.definitions = {}
+        for key in ("$defs", "definitions"):
+            if isinstance(root.get(key), dict):
+                self.definitions.update({f"#/{key}/{n}": s for n, s in root[key].items()})
+        self.notes: list = []
+        self.expanding: list = []  # $refs being expanded: a cycle stops at the second visit
+
+    def reduce(self, schema, path: str, depth: int = 0) -> dict | None:
+        """Return the Gemini Schema for `schema`, or None when it cannot be declared."""
+        if not isinstance(schema, dict) or not schema.keys() & _SCHEMA_SHAPES:
+            what = "no value" if schema is False else "any JSON value"
+            self.notes.append(f"`{path}`: {what}")
+            return None
+        if depth > SCHEMA_MAX_DEPTH:
+            self.notes.append(f"`{path}`: nested too deeply to declare")
+            return None
+        if isinstance(schema.get("$ref"), str):
+            return self._ref(schema, path, depth)
+        if isinstance(schema.get("allOf"), list):
+            schema = _merge_all_of(schema)
+        branches = schema.get("anyOf", schema.get("oneOf"))
+        if isinstance(branches, list):
+            return self._any_of(schema, branches, path, depth)
+        types, nullable = _schema_types(schema)
+        if not types:
+            self.notes.append(f"`{path}`: {_short_json(schema)}")
+            return None
+        if len(types) > 1:  # one branch per type, each with only its own keywords
+            branches = [dict(schema, type=kind) for kind in types]
+            return self._any_of({"nullable": nullable}, branches, path, depth)
+        reduced = self._typed(schema, types[0], path, depth)
+        if reduced is not None and nullable:
+            reduced["nullable"] = True
+        return reduced
+
+    def _ref(self, schema: dict, path: str, depth: int) -> dict | None:
+        ref = schema["$ref"]
+        target = self.definitions.get(ref)
+        if target is None or ref in self.expanding:
+            why = "refers to itself" if ref in self.expanding else "unresolved reference"
+            self.notes.append(f"`{path}`: {why} {ref}")
+            return None
+        self.expanding.append(ref)
+        try:
+            merged = dict(target) if isinstance(target, dict) else {"type": "object"}
+            merged.update((k, v) for k, v in schema.items() if k != "$ref")
+            return self.reduce(merged, path, depth + 1)
+        finally:
+            self.expanding.pop()
+
+    def _any_of(self, schema: dict, branches: list, path: str, depth: int) -> dict | None:
+        nullable = bool(schema.get("nullable"))
+        reduced = []
+        for branch in branches:
+            if isinstance(branch, dict) and branch.get("type") == "null":
+                nullable = True
+                continue
+            branch = self.reduce(branch, path, depth + 1)
+            if branch is not None:
+                reduced.append(branch)
+        for branch in reduced:  # anyOf must be the only field: the rest goes into each branch
+            if nullable:
+                branch["nullable"] = True
+            if isinstance(schema.get("description"), str):
+                branch.setdefault("description", schema["description"])
+        if len(reduced) < 2:
+            return reduced[0] if reduced else None
+        return {"anyOf": reduced}
+
+    def _typed(self, schema: dict, kind: str, path: str, depth: int) -> dict | None:
+        reduced = {"type": kind}
+        for key in SCHEMA_COMMON_KEYS:
+            if key in schema:
+                reduced[key] = schema[key]
+        if "example" not in reduced and isinstance(schema.get("examples"), list):
+            reduced.update({"example": value for value in schema["examples"][:1]})
+        for key, value in schema.items():
+            if key in SCHEMA_TYPE_KEYS[kind] and key != "enum":
+                reduced[key] = value
+            elif key not in SCHEMA_QUIET_KEYS and key not in SCHEMA_COMMON_KEYS and key != "enum":
+                self.notes.append(f"`{path}`: {key} {_short_json(value)}")
+        enum = schema.get("enum", [schema["const"]] if "const" in schema else None)
+        if isinstance(enum, list):
+            self._enum(reduced, [v for v in enum if v is not None], path)
+            if None in enum:
+                reduced["nullable"] = True
+        if kind == "array":
+            items = schema.get("items")
+            if isinstance(items, dict) and items.keys() & _SCHEMA_SHAPES:
+                reduced["items"] = self.reduce(items, f"{path}[]", depth + 1)
+                if reduced["items"] is None:
+                    return None
+            else:  # Gemini: "items: missing field"; any item becomes text
+                reduced["items"] = {"type": "string"}
+        elif kind == "object":
+            return self._object(schema, reduced, path, depth)
+        return reduced
+
+    def _enum(self, reduced: dict, values: list, path: str) -> None:
+        if reduced["type"] == "string" and all(isinstance(v, str) for v in values):
+            reduced["enum"] = values
+        else:
+            self.notes.append(f"`{path}`: one of {', '.join(_short_json(v) for v in values)}")
+
+    def _object(self, schema: dict, reduced: dict, path: str, depth: int) -> dict | None:
+        properties = {}
+        given = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        for name, sub in given.items():
+            sub = self.reduce(sub, f"{path}.{name}" if path else name, depth + 1)
+            if sub is not None:
+                properties[name] = sub
+        if not properties:  # Gemini: "properties: should be non-empty for OBJECT type"
+            if path and not given:
+                self.notes.append(f"`{path}`: an object with any keys")
+            return reduced if not path else None
+        reduced["properties"] = properties
+        for key in ("required", "propertyOrdering"):
+            names = [n for n in schema.get(key) or () if n in properties]
+            if names:
+                reduced[key] = names
+        return reduced
+
+
+# Keywords that say what a value is; a schema with none of them allows any value.
+_SCHEMA_SHAPES = frozenset(("type", "$ref", "anyOf", "oneOf", "allOf", "properties", "items",
+                            "enum", "const"))
+
+
+def _schema_types(schema: dict) -> tuple:
+    """Return (the schema's Gemini types, whether null is allowed), inferring a missing type."""
+    kinds = schema.get("type")
+    kinds = list(kinds) if isinstance(kinds, list) else [kinds] if kinds else []
+    if not kinds:
+        enum = schema.get("enum", [schema.get("const")])
+        kinds = ["object"] if "properties" in schema else ["array"] if "items" in schema else [
+            "string" if all(isinstance(v, str) or v is None for v in enum or ()) else "number"]
+    nullable = "null" in kinds or bool(schema.get("nullable"))
+    return [k for k in kinds if k in SCHEMA_TYPE_KEYS], nullable
+
+
+def _merge_all_of(schema: dict) -> dict:
+    """Return `schema` with its allOf members merged in (properties and required united)."""
+    merged = {k: v for k, v in schema.items() if k != "allOf"}
+    for member in schema["allOf"]:
+        for key, value in (member.items() if isinstance(member, dict) else ()):
+            if key == "properties" and isinstance(value, dict):
+                merged["properties"] = dict(merged.get("properties") or {}, **value)
+            elif key == "required" and isinstance(value, list):
+                merged["required"] = list(merged.get("required") or ()) + value
+            else:
+                merged.setdefault(key, value)
+    return merged
+
+
+def _short_json(value) -> str:
+    text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def reduce_tool_schema(schema: dict) -> tuple:
+    """Return (Gemini `parameters` Schema, or None for no parameters; notes on what was left)."""
+    reducer = _SchemaReducer(schema)
+    parameters = reducer.reduce(dict(schema, type="object"), "")
+    return parameters if parameters and "properties" in parameters else None, reducer.notes
+
+
+def repaired_declaration(declaration: dict) -> dict:
+    """Return a function declaration with its schema reduced to Gemini's `parameters` Schema."""
+    parameters, notes = reduce_tool_schema(declaration.get("parametersJsonSchema") or {})
+    description = declaration.get("description") or ""
+    if notes:
+        shown = "; ".join(notes[:SCHEMA_NOTES_SHOWN])
+        if len(notes) > SCHEMA_NOTES_SHOWN:
+            shown += f"; and {len(notes) - SCHEMA_NOTES_SHOWN} more"
+        description += f"\n\n(Input schema simplified for Gemini; not declared: {shown}.)"
+    repaired = {"name": declaration["name"], "description": description.strip()}
+    if parameters:
+        repaired["parameters"] = parameters
+    return repaired
 
 
 def _thinking_config(body: dict, model: str) -> tuple:
@@ -1998,19 +2250,36 @@ class ModelCatalog:
         self.upstream = upstream
         self.config = config
         self.now = now
-        self._cached = (0.0, [])
+        self._cached = (0.0, [], {})  # (expires, Anthropic entries, Gemini's models by id)
         self._lock = threading.Lock()
 
     def models(self) -> list:
-        with self._lock:
-            expires, models = self._cached
-            if expires > self.now():
-                return models
-            models = self._fetch()
-            self._cached = (self.now() + MODEL_CACHE_SECONDS, models)
-            return models
+        return self._current()[1]
 
-    def _fetch(self) -> list:
+    def gemini_models(self) -> dict:
+        """Return Gemini's own model objects by id (fetched if the cache is stale)."""
+        return self._current()[2]
+
+    def known(self, model: str) -> dict | None:
+        """Return Gemini's model object for `model` from the cache, never calling Gemini."""
+        return self._cached[2].get(model)
+
+    def closest(self, model: str, count: int = 3) -> list:
+        """Return the ids of the available Gemini models most like `model`."""
+        try:
+            ids = list(self.gemini_models())
+        except ProxyError:
+            return []
+        return difflib.get_close_matches(model, ids, n=count, cutoff=0.5)
+
+    def _current(self) -> tuple:
+        with self._lock:
+            if self._cached[0] <= self.now():
+                models, gemini = self._fetch()
+                self._cached = (self.now() + MODEL_CACHE_SECONDS, models, gemini)
+            return self._cached
+
+    def _fetch(self) -> tuple:
         gemini, token = [], ""
         for _page in range(100):
             path = "/models?pageSize=1000" + (
@@ -2027,16 +2296,17 @@ class ModelCatalog:
             token = page.get("nextPageToken")
             if not token:
                 break
-        models, by_id = [], {}
+        models, by_id, gemini_by_id = [], {}, {}
         for model in gemini:
             entry = _model_info(model)
             by_id[entry["id"]] = entry
+            gemini_by_id[entry["id"]] = model
             models.append(entry)
         for name in MODEL_TABLE:
             if name not in by_id:
                 target = by_id.get(map_model(name, self.config)) or _model_info({})
                 models.append(dict(target, id=name, display_name=name))
-        return models
+        return models, gemini_by_id
 
 
 def _model_info(gemini_model: dict) -> dict:
@@ -2118,6 +2388,50 @@ def _lifecycle_filter(query: dict) -> set:
         if value not in LIFECYCLES:
             raise bad_request(f"lifecycle: {value!r} is not one of {', '.join(LIFECYCLES)}")
     return set(values) or {"active", "deprecated"}
+
+
+# == Self-healing =============================================================
+# What the proxy learns from Gemini's refusals: tools named in a 400, reduced tool schemas, the
+# closest models for a 404.
+
+# Gemini points at a declaration as tools[0].function_declarations[3] (or functionDeclarations).
+TOOL_PATH_RE = re.compile(r"tools\[(\d+)\]\.function_?declarations\[(\d+)\]", re.IGNORECASE)
+
+
+def rejected_declarations(error: UpstreamError, body: dict) -> list:
+    """Return the function declarations a Gemini 400 points into, in order, without repeats."""
+    if error.upstream_status != 400:
+        return []
+    found, tools = [], body.get("tools") or []
+    for tool, index in TOOL_PATH_RE.findall(error.message):
+        tool, index = int(tool), int(index)
+        declarations = (tools[tool].get("functionDeclarations") or []) if tool < len(tools) else []
+        if index < len(declarations) and declarations[index] not in found:
+            found.append(declarations[index])
+    return found
+
+
+def name_rejected_tools(error: UpstreamError, request: GeminiRequest) -> UpstreamError:
+    """Return the error with the client's names of the tools a Gemini 400 points into."""
+    declarations = rejected_declarations(error, request.body)
+    if not declarations:
+        return error
+    names = ", ".join(
+        f"`{request.tool_names.get(d['name'], d['name'])}`" for d in declarations)
+    said = error.message[8:] if error.message.startswith("Gemini: ") else error.message
+    verb = "has an input schema" if len(declarations) == 1 else "have input schemas"
+    return UpstreamError(error.status, error.error_type,
+                         f"tool {names} {verb} Gemini rejects: {said}", error.headers,
+                         upstream_status=error.upstream_status, retry_delay=error.retry_delay,
+                         key_invalid=error.key_invalid)
+
+
+def not_found_message(model: str, closest: list) -> str:
+    """Return the 404 message for a model Gemini does not serve, with the closest it does."""
+    message = f"model: Gemini does not serve {model} (retired, renamed or misspelt)"
+    if closest:
+        message += f"; closest available: {', '.join(closest)}"
+    return message + "; route the name elsewhere with MODEL_MAP or MODEL_FALLBACKS"
 
 
 # == HTTP handler =============================================================
@@ -2403,6 +2717,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if authorization[:7].lower() == "bearer ":
             offered.append(authorization[7:].strip())
         if not any(hmac.compare_digest(o.encode(), token.encode()) for o in offered if o):
+            present = sorted({name.lower() for name in self.headers.keys()})
+            log.info("401: no valid proxy token; the request had headers %s (values not logged)",
+                     json.dumps(present))
             raise ProxyError(
                 401,
                 "authentication_error",
@@ -2668,8 +2985,9 @@ def serve_until_signal(server: ProxyServer) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     host, port = server.server_address[:2]
-    log.info("listening on http://%s:%d, upstream %s, default model %s", host, port,
-             server.config.api_base, server.config.default_model)
+    log.info("listening on http://%s:%d, upstream %s, default model %s; Claude Code: %s",
+             host, port, server.config.api_base, server.config.default_model,
+             claude_code_command(Config(**dict(vars(server.config), port=port))))
     server.serve_forever(poll_interval=0.25)
     server.socket.close()
     deadline = time.monotonic() + server.config.shutdown_grace
@@ -2677,6 +2995,180 @@ def serve_until_signal(server: ProxyServer) -> None:
         time.sleep(0.05)
     server.server_close()
     server.upstream.close()
+
+
+# -- --check ------------------------------------------------------------------
+
+CHECK_PROMPT = [{"role": "user", "parts": [{"text": "Reply with the word ok."}]}]
+# Representative names of Claude Code's model tiers, routed as the proxy routes them.
+CLAUDE_CODE_TIERS = (("OPUS", "claude-opus-4-8"), ("SONNET", "claude-sonnet-5"),
+                     ("HAIKU", "claude-haiku-4-5"), ("FABLE", "claude-fable-5"))
+
+
+class SetupCheck:
+    """`--check`: one line per check (ok, or FAIL and what to do), then Claude Code's settings."""
+
+    def __init__(self, config: Config, write):
+        self.config = Config(**dict(vars(config), max_retries=0))  # report, never wait
+        self.write = write
+        self.failed = 0
+        proxy_passwords = [urllib.parse.urlsplit(u).password for u in
+                           (config.https_proxy, config.http_proxy) if "://" in u]
+        self.secrets = [s for s in (*config.api_keys, config.proxy_auth_token,
+                                    *proxy_passwords) if s]
+
+    def line(self, ok: bool, text: str, fix: str = "") -> bool:
+        """Write one check's line (never a secret); return `ok`."""
+        self.failed += not ok
+        text = ("ok   " if ok else "FAIL ") + text + (f" -> {fix}" if fix and not ok else "")
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        self.write(text)
+        return ok
+
+    def run(self) -> int:
+        """Run every check; return the exit status (0 when all passed)."""
+        upstream = UpstreamClient(self.config, Metrics())
+        catalog = ModelCatalog(upstream, self.config)
+        input_limit = None
+        try:
+            if self.check_token_command() and self.check_base(upstream) and self.check_keys():
+                input_limit = self.check_models(upstream, catalog)
+                self.check_count_tokens(upstream)
+        finally:
+            upstream.close()
+        for text in claude_code_settings(self.config, input_limit):
+            self.write(text)
+        return 1 if self.failed else 0
+
+    def check_token_command(self) -> bool:
+        if not self.config.auth_command:
+            return True
+        try:
+            TokenCommand(self.config.auth_command, self.config.auth_ttl).get()
+        except ProxyError as error:
+            return self.line(False, error.message, "run the command by hand and fix it "
+                             "(gcloud: `gcloud auth login`)")
+        return self.line(True, "GEMINI_AUTH_COMMAND prints a token")
+
+    def check_base(self, upstream: UpstreamClient) -> bool:
+        via = ""
+        if upstream.egress:
+            proxy_url = self.config.https_proxy if upstream.https else self.config.http_proxy
+            via = f" through {proxy_url}"
+        where = f"{self.config.api_base}{via}"
+        try:
+            upstream.call_json("GET", "/models?pageSize=1")
+        except UpstreamError:
+            pass  # an HTTP answer, whatever it says: the keys' check reads it
+        except ProxyError as error:
+            return self.line(False, f"base URL {where} does not answer: {error.message}",
+                             "check GEMINI_API_BASE; behind a proxy set HTTPS_PROXY (and NO_PROXY)"
+                             "; for a private CA set SSL_CERT_FILE")
+        return self.line(True, f"base URL {where} answers")
+
+    def check_keys(self) -> bool:
+        if self.config.auth_command:
+            return self.check_accepted(self.config, "the token of GEMINI_AUTH_COMMAND")
+        keys = self.config.api_keys
+        accepted = [
+            self.check_accepted(Config(**dict(vars(self.config), api_keys=(key,))),
+                                f"key #{i} of {len(keys)}")
+            for i, key in enumerate(keys, 1)
+        ]
+        return any(accepted)
+
+    def check_accepted(self, config: Config, what: str) -> bool:
+        upstream = UpstreamClient(config, Metrics())
+        try:
+            upstream.call_json("GET", "/models?pageSize=1")
+        except UpstreamError as error:
+            if error.upstream_status == 404:
+                return self.line(True, f"{what}: this base has no model list; see the models")
+            fix = "check GEMINI_AUTH_TYPE and the account" if config.auth_command else \
+                "fix GEMINI_API_KEY (new keys: https://aistudio.google.com/apikey)"
+            return self.line(False, f"Gemini refuses {what}: {error.message}", fix)
+        except ProxyError as error:
+            return self.line(False, f"{what}: {error.message}", "run --check again")
+        finally:
+            upstream.close()
+        return self.line(True, f"Gemini accepts {what}")
+
+    def check_models(self, upstream: UpstreamClient, catalog: ModelCatalog) -> int | None:
+        """Check each configured model generates; return the default model's input limit."""
+        config = self.config
+        roles = {config.default_model: "default model"}
+        for _pattern, model in config.model_map:
+            roles.setdefault(model, "MODEL_MAP target")
+        for pair in config.model_fallbacks:
+            for model in pair:
+                roles.setdefault(model, "MODEL_FALLBACKS model")
+        for model, role in roles.items():
+            self.check_model(upstream, catalog, model, role)
+        known = catalog.known(config.default_model) or {}
+        return known.get("inputTokenLimit")
+
+    def check_model(self, upstream, catalog, model: str, role: str) -> bool:
+        body = {"contents": CHECK_PROMPT, "generationConfig": {"maxOutputTokens": 256}}
+        try:
+            answer = upstream.call_json("POST", model_path(model, "generateContent"), body)
+        except UpstreamError as error:
+            if error.upstream_status == 404:
+                return self.line(False, f"{role} {model} does not exist at Gemini",
+                                 not_found_message(model, catalog.closest(model)))
+            return self.line(False, f"{role} {model} cannot generate: {error.message}",
+                             "pick another model for it (DEFAULT_GEMINI_MODEL, MODEL_MAP)")
+        except ProxyError as error:
+            return self.line(False, f"{role} {model}: {error.message}", "run --check again")
+        notes = []
+        served = answer.get("modelVersion")
+        if isinstance(served, str) and served and served != model:
+            notes.append(f"served as {served}")
+        try:
+            limit = (catalog.gemini_models().get(model) or {}).get("inputTokenLimit")
+        except ProxyError:
+            limit = None
+        if limit:
+            notes.append(f"{limit} input tokens")
+        suffix = f" ({', '.join(notes)})" if notes else ""
+        return self.line(True, f"{role} {model} exists and generates{suffix}")
+
+    def check_count_tokens(self, upstream: UpstreamClient) -> bool:
+        model = self.config.default_model
+        body = {"generateContentRequest": {"model": f"models/{model}", "contents": CHECK_PROMPT}}
+        try:
+            answer = upstream.call_json("POST", model_path(model, "countTokens"), body)
+        except UpstreamError as error:
+            if error.upstream_status == 404:
+                return self.line(True, "count_tokens: this base has none; the proxy estimates")
+            return self.line(False, f"count_tokens fails: {error.message}",
+                             "Claude Code's /context needs it; check the base URL")
+        except ProxyError as error:
+            return self.line(False, f"count_tokens: {error.message}", "run --check again")
+        return self.line(True, f"count_tokens works ({answer.get('totalTokens')} tokens)")
+
+
+def claude_code_command(config: Config) -> str:
+    """Return the one command that starts Claude Code on this proxy."""
+    host = config.host if config.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    host = f"[{host}]" if ":" in host else host
+    token = '"$PROXY_AUTH_TOKEN"' if config.proxy_auth_token else "anything"
+    return f"ANTHROPIC_BASE_URL=http://{host}:{config.port} ANTHROPIC_AUTH_TOKEN={token} claude"
+
+
+def claude_code_settings(config: Config, input_limit: int | None) -> list:
+    """Return the lines that point Claude Code at this proxy."""
+    base_url, token = claude_code_command(config).split()[:2]
+    lines = ["", "Point Claude Code at this proxy:", f"export {base_url}", f"export {token}",
+             f"export ANTHROPIC_DEFAULT_MODEL={config.default_model}"]
+    for tier, name in CLAUDE_CODE_TIERS:
+        lines.append(f"export ANTHROPIC_DEFAULT_{tier}_MODEL={map_model(name, config)}")
+    if input_limit:  # Claude Code assumes 200k for names it does not know
+        lines.append(f"export CLAUDE_CODE_MAX_CONTEXT_TOKENS={input_limit}")
+    else:
+        lines.append("# CLAUDE_CODE_MAX_CONTEXT_TOKENS: the model list gave no input limit")
+    lines += ["export ENABLE_TOOL_SEARCH=true  # the proxy relays tool_reference blocks", "claude"]
+    return lines
 
 
 def main(argv: list | None = None) -> int:
@@ -2688,6 +3180,8 @@ def main(argv: list | None = None) -> int:
     except ValueError as exc:
         print(f"claude_gemini_proxy: {exc}", file=sys.stderr)
         return 2
+    if args.check:
+        return SetupCheck(config, print).run()
     logging.basicConfig(level=logging.DEBUG if config.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s [%(threadName)s] %(message)s")
     try:

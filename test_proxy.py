@@ -76,6 +76,47 @@ def new_signature():
     return base64.b64encode(secrets.token_bytes(48)).decode()
 
 
+# What real Gemini accepts in `parameters` (a proto Schema): any other key fails the request.
+GEMINI_SCHEMA_KEYS = {"type", "format", "title", "description", "nullable", "enum", "items", "minItems",
+                      "maxItems", "properties", "required", "minProperties", "maxProperties", "minimum",
+                      "maximum", "minLength", "maxLength", "pattern", "example", "anyOf", "propertyOrdering",
+                      "default"}
+
+
+def schema_problem(schema, path):
+    """Return Gemini's complaint about a `parameters` Schema, or None when it accepts it."""
+    if not isinstance(schema, dict):
+        return f"{path}: Proto field is not a message"
+    for key in schema:
+        if key not in GEMINI_SCHEMA_KEYS:
+            return f"Invalid JSON payload received. Unknown name \"{key}\" at '{path}': Cannot find field."
+    if "anyOf" in schema:
+        if len(schema) > 1:
+            return f"{path}: schema specified other fields alongside any_of"
+        return next(filter(None, (schema_problem(b, f"{path}.any_of[{i}]") for i, b in enumerate(schema["anyOf"]))),
+                    None)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        return f"{path}.type: Proto field is not repeating, cannot start list."
+    if kind not in ("string", "number", "integer", "boolean", "array", "object"):
+        return f"{path}.type: must be specified"
+    if "enum" in schema and (kind != "string" or not all(isinstance(v, str) for v in schema["enum"])):
+        return f"{path}.enum: only allowed for STRING type"
+    if "items" in schema and kind != "array":
+        return f"{path}.items: field predicate failed: $type == Type.ARRAY"
+    if kind == "array":
+        return schema_problem(schema["items"], f"{path}.items") if "items" in schema else f"{path}.items: missing field"
+    if kind == "object":
+        properties = schema.get("properties") or {}
+        if not properties:
+            return f"{path}.properties: should be non-empty for OBJECT type"
+        if any(name not in properties for name in schema.get("required") or ()):
+            return f"{path}.required: property is not defined"
+        return next(filter(None, (schema_problem(sub, f"{path}.properties[{name}]")
+                                  for name, sub in properties.items())), None)
+    return None
+
+
 class FakeGemini:
     """A ThreadingHTTPServer that answers like Gemini v1beta from a script."""
 
@@ -101,6 +142,9 @@ class FakeGemini:
         ]
         self.count_tokens_status = 200
         self.hold = threading.Event()  # released by a test once the client has its answer
+        self.retired = set()  # models answering 404, as retired ids do
+        self.served_as = {}  # model asked for -> modelVersion Gemini reports
+        self.bad_keys = set()  # keys Gemini calls invalid
         self.lock = threading.Lock()
         fake = self
 
@@ -115,7 +159,8 @@ class FakeGemini:
 
             def do_GET(self):
                 fake.record(self, None)
-                self.reply(*fake.answer_get(self.path))
+                problem = fake.auth_problem(self.headers)
+                self.reply(*(problem[0], {"error": problem[1]}) if problem else fake.answer_get(self.path))
 
             def do_POST(self):
                 raw = self.rfile.read(int(self.headers.get("content-length") or 0))
@@ -154,13 +199,27 @@ class FakeGemini:
             return 200, {"models": self.models[:2], "nextPageToken": "p2"}
         return 404, {"error": gemini_error(404, "not found", "NOT_FOUND")}
 
-    def validate(self, path, headers, body):
-        """Return the (status, error) real Gemini gives this request, or None when it is fine."""
+    def auth_problem(self, headers):
         lower = {k.lower(): v for k, v in headers.items()}
         if not lower.get("x-goog-api-key") and not lower.get("authorization"):
             return 401, gemini_error(401, "Method doesn't allow unregistered callers.", "UNAUTHENTICATED")
         if lower.get("x-goog-api-key") and lower.get("authorization"):
             return 401, gemini_error(401, "Request had invalid authentication credentials.", "UNAUTHENTICATED")
+        if lower.get("x-goog-api-key") in self.bad_keys:
+            details = [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID"}]
+            return 400, gemini_error(400, "API key not valid. Please pass a valid API key.", details=details)
+        return None
+
+    def validate(self, path, headers, body):
+        """Return the (status, error) real Gemini gives this request, or None when it is fine."""
+        problem = self.auth_problem(headers)
+        if problem:
+            return problem
+        model = path.split("/models/")[1].split(":")[0]
+        if model in self.retired:
+            return 404, gemini_error(404, f"models/{model} is not found for API version v1beta, or is not "
+                                          "supported for generateContent. Call ListModels to see the list of "
+                                          "available models and their supported methods.", "NOT_FOUND")
         if ":countTokens" in path:
             body = body.get("generateContentRequest") or body
             if "model" not in body:
@@ -169,11 +228,15 @@ class FakeGemini:
         contents = body.get("contents") or []
         if not contents:
             return 400, gemini_error(400, "contents is not specified")
-        for tool in body.get("tools") or ():
-            for declaration in tool.get("functionDeclarations") or ():
+        for t, tool in enumerate(body.get("tools") or ()):
+            for d, declaration in enumerate(tool.get("functionDeclarations") or ()):
                 schema = declaration.get("parametersJsonSchema")
                 if "parameters" in declaration:
-                    return 400, gemini_error(400, "Unknown name \"parameters\" in this fake")
+                    where = f"GenerateContentRequest.tools[{t}].function_declarations[{d}].parameters"
+                    problem = schema_problem(declaration["parameters"], where)
+                    if problem or "parametersJsonSchema" in declaration:
+                        return 400, gemini_error(400, problem or "parameters and parametersJsonSchema both set")
+                    continue
                 if not isinstance(schema, dict) or "$schema" in schema:
                     return 400, gemini_error(400, "Invalid JSON payload: parametersJsonSchema")
                 if not cgp.GEMINI_NAME_RE.match(declaration["name"]):
@@ -238,7 +301,7 @@ class FakeGemini:
         if reply.status != 200:
             handler.reply(reply.status, {"error": reply.error})
             return
-        chunks = [self.sign(c, model) for c in reply.chunks]
+        chunks = [dict(self.sign(c, model), modelVersion=self.served_as.get(model, model)) for c in reply.chunks]
         if ":streamGenerateContent" in path:
             self.stream(handler, reply, chunks)
         else:
@@ -502,7 +565,7 @@ def test_help_lists_every_option_and_variable():
     done = subprocess.run([sys.executable, os.path.join(HERE, "claude_gemini_proxy.py"), "--help"],
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 0
-    for word in ("--host", "--port", "--env-file", "--debug", "--version", "--stream-mode", "8318"):
+    for word in ("--host", "--port", "--env-file", "--debug", "--version", "--stream-mode", "8318", "--check"):
         assert word in done.stdout, word
     with open(os.path.join(HERE, "README.md"), encoding="utf-8") as readme:
         table = [line for line in readme if line.startswith("| `")]
@@ -520,6 +583,21 @@ def test_bad_values_are_refused():
         cgp.read_config([], {"GEMINI_API_KEY": "k", "PORT": "eighty"})
     with pytest.raises(ValueError):
         cgp.read_config([], {"GEMINI_API_KEY": "k", "MODEL_MAP": "claude-*"})
+
+
+def test_model_fallbacks_and_tool_schema_repair_are_read():
+    config = cgp.read_config([], {"GEMINI_API_KEY": "k", "TOOL_SCHEMA_REPAIR": "off", "MODEL_FALLBACKS":
+                                  "gemini-3.1-pro-preview=gemini-3.5-flash, gemini-3.5-flash=gemini-3.5-flash-lite"})
+    assert config.model_fallbacks == (("gemini-3.1-pro-preview", "gemini-3.5-flash"),
+                                      ("gemini-3.5-flash", "gemini-3.5-flash-lite"))
+    assert config.tool_schema_repair is False
+    defaults = cgp.read_config([], {"GEMINI_API_KEY": "k"})
+    assert defaults.model_fallbacks == () and defaults.tool_schema_repair is True
+    for bad in ("gemini-3.5-flash", "a=b,a=c", "a=a", "a=../b"):
+        with pytest.raises(ValueError, match="MODEL_FALLBACKS"):
+            cgp.read_config([], {"GEMINI_API_KEY": "k", "MODEL_FALLBACKS": bad})
+    with pytest.raises(ValueError, match="TOOL_SCHEMA_REPAIR"):
+        cgp.read_config([], {"GEMINI_API_KEY": "k", "TOOL_SCHEMA_REPAIR": "maybe"})
 
 
 def test_signature_key_is_shared_by_instances_with_the_same_api_key():
@@ -593,6 +671,9 @@ def test_startup_line_never_shows_the_key(tmp_path):
         child.wait(timeout=10)
     assert "listening on http://127.0.0.1:" in line and "127.0.0.1:9/v1beta" in line
     assert "gemini-3.5-flash" in line and "secret-key-123" not in line
+    port = line.split("listening on http://127.0.0.1:")[1].split(",")[0]
+    assert line.rstrip().endswith(f"Claude Code: ANTHROPIC_BASE_URL=http://127.0.0.1:{port} "
+                                  "ANTHROPIC_AUTH_TOKEN=anything claude")
     assert child.returncode == 0
 
 
@@ -916,6 +997,81 @@ def test_body_keys_put_what_every_turn_shares_before_contents():
                           "contents"]
 
 
+# The tool schemas MCP servers sent in 2026 that Gemini refused (late-2026.md §3.4).
+REJECTED_SCHEMAS = {
+    "items next to a union with array": (
+        {"type": "object", "properties": {"paths": {"type": ["array", "string"], "items": {"type": "string"}}},
+         "required": ["paths"]}, []),
+    "boolean subschema": (
+        {"type": "object", "properties": {"key": {"type": "string"}, "value": True}, "required": ["key", "value"]},
+        ["`value`: any JSON value"]),
+    "items with a type union including null": (
+        {"type": "object", "properties": {"rows": {"type": "array", "items": {
+            "type": ["object", "null"], "properties": {"id": {"type": "integer"}}, "additionalProperties": False}}}},
+        []),
+    "integer enum on an array-or-null property": (
+        {"type": "object", "properties": {"levels": {"type": ["array", "null"], "items": {"type": "integer"},
+                                                     "enum": [1, 2, 3]}}}, ["`levels`: one of 1, 2, 3"]),
+    "$ref/$defs cycle": (
+        {"type": "object", "properties": {"tree": {"$ref": "#/$defs/Node"}}, "required": ["tree"],
+         "$defs": {"Node": {"type": "object", "properties": {
+             "name": {"type": "string", "const": "root"}, "children": {"type": "array", "items": {"$ref": "#/$defs/Node"}}}}}},
+        ["`tree.children[]`: refers to itself #/$defs/Node"]),
+    "JSON Schema extras": (
+        {"type": "object", "properties": {"n": {"type": "integer", "exclusiveMinimum": 0, "multipleOf": 2},
+                                          "pick": {"oneOf": [{"type": "string", "format": "uri"}, {"type": "null"}]},
+                                          "all": {"allOf": [{"properties": {"a": {"type": "string"}}},
+                                                            {"required": ["a"]}]}}},
+        ["`n`: exclusiveMinimum 0", "`n`: multipleOf 2"]),
+}
+
+
+@pytest.mark.parametrize("case", REJECTED_SCHEMAS)
+def test_rejected_tool_schema_reduces_to_what_gemini_parameters_accepts(case):
+    schema, notes = REJECTED_SCHEMAS[case]
+    assert schema_problem(schema, "parameters")  # what real Gemini's `parameters` refuses
+    declaration = cgp.repaired_declaration({"name": "mcp__srv__query", "description": "Query.",
+                                            "parametersJsonSchema": schema})
+    assert schema_problem(declaration["parameters"], "parameters") is None
+    assert set(declaration) == {"name", "description", "parameters"}
+    for note in notes:
+        assert note in declaration["description"]
+    assert declaration["description"].startswith("Query.")
+    assert ("not declared" in declaration["description"]) == bool(notes)
+
+
+def test_reduced_schemas_keep_what_gemini_can_say():
+    paths, _ = cgp.reduce_tool_schema(REJECTED_SCHEMAS["items next to a union with array"][0])
+    assert paths["properties"]["paths"] == {"anyOf": [{"type": "array", "items": {"type": "string"}},
+                                                      {"type": "string"}]}
+    rows, _ = cgp.reduce_tool_schema(REJECTED_SCHEMAS["items with a type union including null"][0])
+    assert rows["properties"]["rows"]["items"] == {"type": "object", "properties": {"id": {"type": "integer"}},
+                                                   "nullable": True}
+    tree, _ = cgp.reduce_tool_schema(REJECTED_SCHEMAS["$ref/$defs cycle"][0])
+    assert tree["required"] == ["tree"]
+    assert tree["properties"]["tree"]["properties"] == {"name": {"type": "string", "enum": ["root"]}}
+    extras, _ = cgp.reduce_tool_schema(REJECTED_SCHEMAS["JSON Schema extras"][0])
+    assert extras["properties"]["pick"] == {"type": "string", "format": "uri", "nullable": True}
+    assert extras["properties"]["all"] == {"type": "object", "properties": {"a": {"type": "string"}},
+                                           "required": ["a"]}
+    assert cgp.reduce_tool_schema({"type": "object", "properties": {}}) == (None, [])
+
+
+def test_a_400_pointing_into_tools_names_the_client_tool():
+    request = translate({"messages": [{"role": "user", "content": "hi"}], "tools": [
+        {"name": "Read", "input_schema": {"type": "object"}},
+        {"name": "mcp__srv__query" + "x" * 60, "input_schema": {"type": "object"}}]})
+    message = ("* GenerateContentRequest.tools[0].function_declarations[1].parameters.properties[paths].items: "
+               "field predicate failed: $type == Type.ARRAY")
+    error = cgp.upstream_error(400, json.dumps({"error": gemini_error(400, message)}).encode())
+    named = cgp.name_rejected_tools(error, request)
+    assert named.message == f"tool `mcp__srv__query{'x' * 60}` has an input schema Gemini rejects: {message}"
+    assert (named.status, named.error_type, named.headers) == (400, "invalid_request_error", error.headers)
+    assert cgp.rejected_declarations(error, request.body) == [request.body["tools"][0]["functionDeclarations"][1]]
+    other = cgp.upstream_error(400, json.dumps({"error": gemini_error(400, "contents[2] is bad")}).encode())
+    assert cgp.name_rejected_tools(other, request) is other
+
+
 def test_server_tools_are_left_out_not_rejected():
     request = translate({"messages": [{"role": "user", "content": "hi"}], "tools": [
         {"type": "web_search_20250305", "name": "web_search"},
@@ -1209,6 +1365,17 @@ def test_proxy_auth_token_guards_every_route(gemini, start_proxy, headers, statu
         assert answer.json["error"]["type"] == "authentication_error" and gemini.requests == []
         assert request(guarded, "GET", "/v1/models", headers=headers).status == 401
         assert post(guarded, messages_body(), "/v1/messages/count_tokens", headers=headers).status == 401
+
+
+def test_a_401_is_logged_at_info_with_header_names_only(gemini, start_proxy, caplog):
+    caplog.set_level("INFO", logger="claude_gemini_proxy")
+    guarded = start_proxy(make_config(gemini, proxy_auth_token="s3cret"))
+    answer = post(guarded, messages_body(), headers={"x-api-key": "wrong-value", "anthropic-version": "2023-06-01"})
+    assert answer.status == 401
+    lines = [r for r in caplog.records if r.getMessage().startswith("401: ")]
+    assert len(lines) == 1 and lines[0].levelname == "INFO"
+    assert '"anthropic-version"' in lines[0].getMessage() and '"x-api-key"' in lines[0].getMessage()
+    assert "wrong-value" not in lines[0].getMessage() and "2023-06-01" not in lines[0].getMessage()
 
 
 def test_client_credentials_never_go_upstream_and_key_never_in_url(gemini, proxy):
@@ -2365,6 +2532,101 @@ def test_sigterm_lets_a_stream_in_flight_finish_and_refuses_new_connections(gemi
     _, message = read_sse(first + response.read())
     assert message["content"][0]["text"] == "0 1 2 3 4 5 " and message["stop_reason"] == "end_turn"
     assert child.wait(timeout=10) == 0
+
+
+CHECK_ENV = ("GEMINI_API_KEY", "GEMINI_API_BASE", "MODEL_MAP", "MODEL_FALLBACKS", "GEMINI_AUTH_COMMAND",
+             "GEMINI_AUTH_TYPE", "PROXY_AUTH_TOKEN", "DEFAULT_GEMINI_MODEL", "HOST", "PORT", "DEBUG")
+
+
+def run_check(monkeypatch, capsys, gemini, **env):
+    """Run `--check` in-process; return (exit status, output lines)."""
+    for name in CHECK_ENV + ("HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    for name, value in dict({"GEMINI_API_KEY": "test-key", "GEMINI_API_BASE": gemini.base}, **env).items():
+        monkeypatch.setenv(name, value)
+    status = cgp.main(["--check", "--env-file", os.devnull])
+    return status, capsys.readouterr().out.splitlines()
+
+
+def test_check_of_a_healthy_setup_passes_and_prints_claude_code_settings(gemini, monkeypatch, capsys):
+    gemini.served_as["gemini-3.5-flash"] = "gemini-3.6-flash"
+    status, lines = run_check(monkeypatch, capsys, gemini, GEMINI_API_KEY="test-key,key-two",
+                              MODEL_MAP="claude-haiku-*=gemini-3.1-pro-preview", PROXY_AUTH_TOKEN="tok-secret")
+    checks = lines[:lines.index("")]
+    assert checks == [
+        f"ok   base URL {gemini.base} answers",
+        "ok   Gemini accepts key #1 of 2",
+        "ok   Gemini accepts key #2 of 2",
+        "ok   default model gemini-3.5-flash exists and generates (served as gemini-3.6-flash, 1048576 input tokens)",
+        "ok   MODEL_MAP target gemini-3.1-pro-preview exists and generates (1048576 input tokens)",
+        f"ok   count_tokens works ({gemini_count_of_check_prompt()} tokens)",
+    ]
+    assert status == 0
+    settings = lines[lines.index("") + 1:]
+    assert settings[0] == "Point Claude Code at this proxy:"
+    assert "export ANTHROPIC_BASE_URL=http://127.0.0.1:8318" in settings
+    assert 'export ANTHROPIC_AUTH_TOKEN="$PROXY_AUTH_TOKEN"' in settings
+    assert "export ANTHROPIC_DEFAULT_HAIKU_MODEL=gemini-3.1-pro-preview" in settings
+    assert "export ANTHROPIC_DEFAULT_SONNET_MODEL=gemini-3.5-flash" in settings
+    assert "export CLAUDE_CODE_MAX_CONTEXT_TOKENS=1048576" in settings and settings[-1] == "claude"
+    output = "\n".join(lines)
+    assert "test-key" not in output and "key-two" not in output and "tok-secret" not in output
+    assert [r[1].split("?")[0] for r in gemini.requests if r[0] == "POST"] == [
+        "/v1beta/models/gemini-3.5-flash:generateContent", "/v1beta/models/gemini-3.1-pro-preview:generateContent",
+        "/v1beta/models/gemini-3.5-flash:countTokens"]
+
+
+def gemini_count_of_check_prompt():
+    body = {"generateContentRequest": {"model": "models/gemini-3.5-flash", "contents": cgp.CHECK_PROMPT}}
+    return len(json.dumps(body)) // 4
+
+
+def test_check_names_a_bad_key_and_an_unknown_model_with_the_closest(gemini, monkeypatch, capsys):
+    gemini.bad_keys.add("key-two")
+    gemini.retired.add("gemini-3.5-flash-preview")
+    status, lines = run_check(monkeypatch, capsys, gemini, GEMINI_API_KEY="test-key,key-two",
+                              MODEL_FALLBACKS="gemini-3.5-flash=gemini-3.5-flash-preview")
+    assert status == 1
+    assert ("FAIL Gemini refuses key #2 of 2: Gemini rejected the proxy's API key: API key not valid. Please "
+            "pass a valid API key. -> fix GEMINI_API_KEY (new keys: https://aistudio.google.com/apikey)") in lines
+    failed = [line for line in lines if line.startswith("FAIL")]
+    assert len(failed) == 2
+    assert failed[1].startswith("FAIL MODEL_FALLBACKS model gemini-3.5-flash-preview does not exist at Gemini -> "
+                                "model: Gemini does not serve gemini-3.5-flash-preview")
+    assert "closest available: gemini-3.5-flash, gemini-3.1-pro-preview" in failed[1]
+    assert "ok   count_tokens works" in "\n".join(lines) and "key-two" not in "\n".join(lines)
+
+
+def test_check_of_an_unreachable_base_fails_and_says_what_to_set(gemini, monkeypatch, capsys):
+    with socket.socket() as spare:
+        spare.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{spare.getsockname()[1]}/v1beta"
+    status, lines = run_check(monkeypatch, capsys, gemini, GEMINI_API_BASE=dead)
+    assert status == 1
+    assert lines[0].startswith(f"FAIL base URL {dead} does not answer: Gemini failed while connecting: "
+                               "ConnectionRefusedError")
+    assert lines[0].endswith("-> check GEMINI_API_BASE; behind a proxy set HTTPS_PROXY (and NO_PROXY); for a "
+                             "private CA set SSL_CERT_FILE")
+    assert lines[1:3] == ["", "Point Claude Code at this proxy:"]
+
+
+def test_check_of_a_failing_token_command(gemini, monkeypatch, capsys):
+    status, lines = run_check(monkeypatch, capsys, gemini, GEMINI_API_KEY="", GEMINI_AUTH_COMMAND="exit 3")
+    assert status == 1
+    assert lines[0] == ("FAIL GEMINI_AUTH_COMMAND failed (exit 3) -> run the command by hand and fix it "
+                        "(gcloud: `gcloud auth login`)")
+    assert not gemini.requests
+
+
+def test_check_goes_through_the_egress_proxy_and_hides_its_password(gemini, tunnel, monkeypatch, capsys):
+    status, lines = run_check(monkeypatch, capsys, gemini, HTTP_PROXY=tunnel.url("me:pw-secret@"),
+                              GEMINI_AUTH_COMMAND="echo token-1")
+    assert status == 0, lines
+    assert lines[:3] == ["ok   GEMINI_AUTH_COMMAND prints a token",
+                         f"ok   base URL {gemini.base} through {tunnel.url('me:***@')} answers",
+                         "ok   Gemini accepts the token of GEMINI_AUTH_COMMAND"]
+    assert tunnel.connects and "pw-secret" not in "\n".join(lines)
 
 
 def test_started_and_listening_quickly(gemini, tmp_path):
