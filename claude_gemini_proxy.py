@@ -627,6 +627,15 @@ class GeminiRequest:
         self.stop_sequences = stop_sequences
         self.thinking = thinking  # "" (no thinking blocks), "summarized" or "omitted"
         self.web_search = web_search  # the client's web_search tool when Google Search answers
+        self._payload = None
+
+    def payload(self) -> bytes:
+        """Return the body's bytes as sent upstream (serialized once, whatever asks first)."""
+        if self._payload is None:
+            self._payload = json.dumps(
+                self.body, separators=(",", ":"), ensure_ascii=False
+            ).encode()
+        return self._payload
 
 
 def gemini_tool_name(name: str) -> str:
@@ -1417,6 +1426,7 @@ STOP_REASONS = {
     "IMAGE_OTHER": "refusal",
     "NO_IMAGE": "refusal",
 }
+BYTES_PER_TOKEN = 4  # for estimates, before (or without) Gemini's own count
 # Worth one more upstream call while nothing has reached the client.
 RETRY_FINISH_REASONS = ("MALFORMED_FUNCTION_CALL", "UNEXPECTED_TOOL_CALL", "MALFORMED_RESPONSE")
 
@@ -1430,13 +1440,12 @@ def sse_frame(event: str, data: dict) -> bytes:
 class ResponseFold:
     """Fold Gemini chunks into Anthropic events (feed/finish) and the final message()."""
 
-    def __init__(
-        self, request: GeminiRequest, signatures: SignatureStore, input_estimate: int = 0
-    ):
+    def __init__(self, request: GeminiRequest, signatures: SignatureStore):
         self.request = request
         self.signatures = signatures
         self.id = "msg_" + secrets.token_hex(12)
-        self.input_estimate = input_estimate
+        # Until Gemini counts: from the Gemini body, the same for a stream and a non-stream call.
+        self.input_estimate = len(request.payload()) // BYTES_PER_TOKEN
         self.blocks: list = []  # content blocks of the final message
         self.pieces: list = []  # text pieces of the open text/thinking block
         self.open_kind = ""  # "text" or "thinking" while such a block is open
@@ -1543,19 +1552,19 @@ class ResponseFold:
         return STOP_REASONS[self.finish_reason]
 
     def usage(self) -> dict:
-        """Return Anthropic usage from the latest Gemini usageMetadata."""
+        """Return Anthropic usage from the latest Gemini usageMetadata (see the README)."""
         meta = self.usage_metadata
-        cached = meta.get("cachedContentTokenCount", 0)
+        cached = _token_count(meta, "cachedContentTokenCount")
+        thoughts = _token_count(meta, "thoughtsTokenCount")
         usage = {
             "input_tokens": (
-                (meta.get("promptTokenCount", 0) - cached + meta.get("toolUsePromptTokenCount", 0))
-                if meta
-                else self.input_estimate
-            ),
+                _token_count(meta, "promptTokenCount") - cached
+                + _token_count(meta, "toolUsePromptTokenCount")
+            ) if meta else self.input_estimate,
             "cache_creation_input_tokens": 0,
             "cache_read_input_tokens": cached,
-            "output_tokens": meta.get("candidatesTokenCount", 0)
-            + meta.get("thoughtsTokenCount", 0),
+            "output_tokens": _token_count(meta, "candidatesTokenCount") + thoughts,
+            "output_tokens_details": {"thinking_tokens": thoughts},
         }
         if self.search_requests:
             usage["server_tool_use"] = {"web_search_requests": self.search_requests}
@@ -1740,6 +1749,11 @@ class ResponseFold:
             events,
         )
         self.search_requests = len(queries)
+
+
+def _token_count(meta: dict, name: str) -> int:
+    count = meta.get(name)
+    return count if isinstance(count, int) and count > 0 else 0
 
 
 def _stop_prefix_length(text: str, sequences: tuple) -> int:
@@ -2471,7 +2485,7 @@ def run_fold(upstream: UpstreamClient, request: GeminiRequest, fold: ResponseFol
              live: bool, cancel: Cancel) -> None:
     """Feed Gemini's answer into the fold, handing each chunk's events to send() as they
     come; an empty or malformed answer is asked for once more while nothing was sent."""
-    payload = json.dumps(request.body, separators=(",", ":"), ensure_ascii=False).encode()
+    payload = request.payload()
     for attempt in (0, 1):
         if attempt:
             log.debug("Gemini answered %s with nothing usable; asking once more",
@@ -2654,7 +2668,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         threading.current_thread().name = self.request_id  # every log line shows it
         self.started_at = time.monotonic()
         self.stream = None
-        self.status, self.gemini_model, self.usage, self.body_size = 0, "-", None, 0
+        self.status, self.gemini_model, self.usage = 0, "-", None
         with server.lock:
             server.active_requests += 1
         try:
@@ -2786,7 +2800,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             if not isinstance(error, UpstreamError) or error.upstream_status != 404:
                 raise
             tokens = (
-                len(json.dumps(inner, separators=(",", ":"))) // 4
+                len(json.dumps(inner, separators=(",", ":"))) // BYTES_PER_TOKEN
             )  # a gateway without countTokens
             headers["x-token-count-estimated"] = "true"
         self.send_json(200, {"input_tokens": tokens}, headers)
@@ -2795,7 +2809,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         server = self.server
         request = to_gemini_request(self.read_json(), server.config, server.signatures)
         self.gemini_model = request.model
-        fold = ResponseFold(request, server.signatures, input_estimate=self.body_size // 4)
+        fold = ResponseFold(request, server.signatures)
         # Google Search answers come whole (their blocks go first); stop sequences are cut here,
         # so they are read as a stream to stop Gemini at the match.
         live = server.config.stream_mode == "live" and not request.web_search and (
@@ -2846,7 +2860,6 @@ class ProxyHandler(BaseHTTPRequestHandler):
         data = self.rfile.read(size) if size else b""
         if len(data) < size:
             raise ClientGone()
-        self.body_size = size
         try:
             return json.loads(data)
         except ValueError as exc:

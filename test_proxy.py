@@ -1204,7 +1204,7 @@ def run_fold(fold, chunks):
 def test_parts_become_blocks_in_order_with_usage():
     fold, _ = fold_for({"thinking": {"type": "adaptive"}})
     usage = {"promptTokenCount": 100, "cachedContentTokenCount": 40, "candidatesTokenCount": 7,
-             "thoughtsTokenCount": 20, "totalTokenCount": 127}
+             "thoughtsTokenCount": 20, "toolUsePromptTokenCount": 15, "totalTokenCount": 142}
     run_fold(fold, [chunk(text("Plan.", thought=True), text("Hello"), call("Read", {"file_path": "/x"}),
                           finish="STOP", usage=usage)])
     message = fold.message()
@@ -1213,8 +1213,18 @@ def test_parts_become_blocks_in_order_with_usage():
     assert message["content"][2]["input"] == {"file_path": "/x"}
     assert message["content"][2]["id"].startswith("toolu_")
     assert message["stop_reason"] == "tool_use"  # Gemini says STOP even when it called a tool
-    assert message["usage"] == {"input_tokens": 60, "cache_creation_input_tokens": 0,
-                                "cache_read_input_tokens": 40, "output_tokens": 27}
+    # input = prompt - cached + tool-use prompt; output includes thinking, which is also shown alone
+    assert message["usage"] == {"input_tokens": 75, "cache_creation_input_tokens": 0,
+                                "cache_read_input_tokens": 40, "output_tokens": 27,
+                                "output_tokens_details": {"thinking_tokens": 20}}
+
+
+def test_input_estimate_is_the_same_for_stream_and_non_stream_forms():
+    body = {"tools": TOOLS, "messages": [{"role": "user", "content": "hello " * 100}]}
+    starts = [cgp.ResponseFold(translate(dict(body, stream=flag)), None).start()[0][1]["message"]["usage"]
+              for flag in (True, False)]
+    assert starts[0] == starts[1] and starts[0]["input_tokens"] > 150
+    assert starts[0]["output_tokens_details"] == {"thinking_tokens": 0}
 
 
 @pytest.mark.parametrize("finish,stop_reason", [
@@ -1775,6 +1785,25 @@ def test_stream_empty_answer_is_retried_before_anything_is_sent(gemini, proxy):
     events, message = stream(proxy, messages_body())
     assert message["content"] == [{"type": "text", "text": "second try"}]
     assert len(gemini.bodies) == 2
+
+
+def test_one_message_delta_per_stream_carries_the_final_usage_with_thinking_tokens(gemini, proxy):
+    def growing(n):
+        return {"promptTokenCount": 900, "cachedContentTokenCount": 600, "candidatesTokenCount": n,
+                "thoughtsTokenCount": 2 * n, "totalTokenCount": 900 + 3 * n}
+    answer = [chunk(text("Plan.", thought=True), usage=growing(1)), chunk(text("Hel"), usage=growing(2)),
+              chunk(text("lo"), finish="STOP", usage=growing(3))]
+    gemini.script = [Reply(chunk(finish="MALFORMED_FUNCTION_CALL", usage=growing(9))), Reply(*answer),
+                     Reply(*answer)]
+    body = messages_body(thinking={"type": "adaptive"})
+    events, message = stream(proxy, body)
+    deltas = [e for e in events if e["type"] == "message_delta"]
+    final = {"input_tokens": 300, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 600,
+             "output_tokens": 9, "output_tokens_details": {"thinking_tokens": 6}}
+    assert len(deltas) == 1 and deltas[0]["usage"] == final  # also after the retried empty answer
+    sent = json.dumps(gemini.bodies[0], separators=(",", ":"), ensure_ascii=False).encode()
+    assert events[0]["message"]["usage"]["input_tokens"] == len(sent) // 4  # from Gemini's body
+    assert post(proxy, body).json["usage"] == final
 
 
 # == Signatures across turns, instances and restarts =========================
