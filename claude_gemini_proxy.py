@@ -2138,7 +2138,9 @@ class UpstreamClient:
 
     def call_json(self, method: str, path: str, body: dict | bytes | None = None) -> dict:
         """Return the parsed JSON object of a 200 answer."""
-        payload = json.dumps(body, separators=(",", ":")).encode() if isinstance(body, dict) else body
+        payload = body
+        if isinstance(body, dict):
+            payload = json.dumps(body, separators=(",", ":")).encode()
         conn, response = self._open(method, path, payload)
         answer = _parse_chunk(self._read_all(conn, response), "an answer")
         if not isinstance(answer, dict):
@@ -2228,7 +2230,8 @@ def _parse_chunk(payload: bytes, what: str):
     try:
         chunk = json.loads(payload)
     except ValueError:
-        raise ProxyError(502, "api_error", f"Gemini sent {what} the proxy could not read") from None
+        raise ProxyError(502, "api_error",
+                         f"Gemini sent {what} the proxy could not read") from None
     if isinstance(chunk, list) and chunk:
         chunk = chunk[0]
     return chunk
