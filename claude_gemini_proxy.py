@@ -2113,7 +2113,8 @@ class UpstreamClient:
             log.debug("upstream %d: retry %d in %.2f s", response.status, attempt + 1, wait)
             with self._lock:
                 self.retries += 1
-            self.sleep(wait)
+            if wait:  # another key may be free at once
+                self.sleep(wait)
             attempt += 1
 
     def _retry_wait(self, status: int, error: ProxyError, attempt: int) -> float | None:
