@@ -618,7 +618,7 @@ class GeminiRequest:
     """A translated request: the Gemini body plus what the response side needs."""
 
     def __init__(self, client_model: str, model: str, body: dict, stream: bool, tool_names: dict,
-                 stop_sequences: tuple, thinking: str, web_search: dict | None):
+                 stop_sequences: tuple, thinking: str, server_tools: dict):
         self.client_model = client_model
         self.model = model
         self.body = body
@@ -626,8 +626,15 @@ class GeminiRequest:
         self.tool_names = tool_names  # Gemini function name -> client tool name
         self.stop_sequences = stop_sequences
         self.thinking = thinking  # "" (no thinking blocks), "summarized" or "omitted"
-        self.web_search = web_search  # the client's web_search tool when Google Search answers
+        self.server_tools = server_tools  # "web_search"/"web_fetch"/"code_execution" -> tool
+        self.web_search = server_tools.get("web_search")  # answered by Google Search
         self._payload = None
+
+    @property
+    def whole_answer(self) -> bool:
+        """True when the answer is read whole: search and fetch blocks, built from metadata
+        Gemini sends at the end, must come before the text."""
+        return bool(self.web_search or self.server_tools.get("web_fetch"))
 
     def payload(self) -> bytes:
         """Return the body's bytes as sent upstream (serialized once, whatever asks first)."""
@@ -1329,8 +1336,17 @@ def _generation_config(body: dict, model: str, config: Config) -> dict:
     return generation
 
 
-def _web_search_prompt(tool: dict) -> str:
-    lines = ["Search the web with Google Search to answer."]
+# Anthropic server tools Gemini runs itself, by tool type prefix, and what the model is told
+# (Gemini's built-ins have no domain filters or use limits, so filters become instructions).
+BUILTIN_TOOLS = {"web_search": "googleSearch", "web_fetch": "urlContext",
+                 "code_execution": "codeExecution"}
+BUILTIN_PROMPTS = {"web_search": "Search the web with Google Search to answer.",
+                   "web_fetch": "Read the web pages the conversation names with URL context.",
+                   "code_execution": ""}
+
+
+def _builtin_prompt(kind: str, tool: dict) -> str:
+    lines = [BUILTIN_PROMPTS[kind]] if BUILTIN_PROMPTS[kind] else []
     if tool.get("allowed_domains"):
         lines.append(
             "Use only results from these domains: " + ", ".join(tool["allowed_domains"]) + "."
@@ -1338,6 +1354,39 @@ def _web_search_prompt(tool: dict) -> str:
     if tool.get("blocked_domains"):
         lines.append("Never use results from: " + ", ".join(tool["blocked_domains"]) + ".")
     return " ".join(lines)
+
+
+def _builtin_tools(server_tools: dict, declarations: list, choice: dict, model: str) -> dict:
+    """Return {kind: client tool} for the server tools Gemini runs in this request."""
+    builtins = {}
+    for tool in server_tools.values():
+        for kind in BUILTIN_TOOLS:
+            if str(tool.get("type")).startswith(kind + "_"):
+                builtins[kind] = tool
+    forced = [kind for kind, tool in builtins.items() if tool["name"] == choice.get("name")]
+    if forced:  # tool_choice names a server tool: it alone runs
+        builtins = {forced[0]: builtins[forced[0]]}
+    elif declarations and model_version(model) < (3, 0):
+        builtins = {}  # Gemini 2.x: "Tool use with function calling is unsupported"
+    left_out = set(server_tools) - {tool["name"] for tool in builtins.values()}
+    if left_out:
+        log.debug("server tools left out (Gemini cannot run them here): %s",
+                  ", ".join(sorted(left_out)))
+    return builtins
+
+
+def _tool_fields(builtins: dict, declarations: list, choice: dict, names: dict) -> dict:
+    """Return the tools and toolConfig fields of the Gemini body."""
+    forced = any(tool["name"] == choice.get("name") for tool in builtins.values())
+    functions = bool(declarations) and not forced
+    tools = [{"functionDeclarations": declarations}] if functions else []
+    tools.extend({BUILTIN_TOOLS[kind]: {}} for kind in BUILTIN_TOOLS if kind in builtins)
+    fields = {"tools": tools} if tools else {}
+    if functions:
+        fields["toolConfig"] = {"functionCallingConfig": _function_calling(choice, names)}
+        if builtins:  # Gemini 3 runs both once asked to
+            fields["toolConfig"]["includeServerSideToolInvocations"] = True
+    return fields
 
 
 def _function_calling(choice: dict, names: dict) -> dict:
@@ -1363,15 +1412,14 @@ def to_gemini_request(body: dict, config: Config, signatures: SignatureStore) ->
     if not contents:
         raise bad_request("messages: at least one message with content is required")
     system = _texts(body["system"], "system") if body.get("system") else []
-    tools, names, web_search = _gemini_tools(body)
-    if web_search:
-        system.append(_web_search_prompt(web_search))
+    model_tools, names, builtins = _gemini_tools(body, model)
+    system.extend(filter(None, (_builtin_prompt(kind, tool) for kind, tool in builtins.items())))
     # What stays the same from turn to turn comes first and contents last, so each turn's body
     # starts with the bytes of the one before (Gemini's implicit cache wants an equal prefix).
     gemini_body = {}
     if system:
         gemini_body["systemInstruction"] = {"parts": [{"text": text} for text in system]}
-    gemini_body.update(tools)
+    gemini_body.update(model_tools)
     generation = _generation_config(body, model, config)
     thinking_config, thinking = _thinking_config(body, model)
     if thinking_config:
@@ -1382,26 +1430,17 @@ def to_gemini_request(body: dict, config: Config, signatures: SignatureStore) ->
     return GeminiRequest(client_model=body["model"], model=model, body=gemini_body,
                          stream=bool(body.get("stream")), tool_names=names,
                          stop_sequences=tuple(body.get("stop_sequences") or ()),
-                         thinking=thinking, web_search=web_search)
+                         thinking=thinking, server_tools=builtins)
 
 
-def _gemini_tools(body: dict) -> tuple:
-    """Return ({tools, toolConfig}, gemini->client names, web_search tool Google answers)."""
+def _gemini_tools(body: dict, model: str) -> tuple:
+    """Return ({tools, toolConfig}, gemini->client names, {kind: server tool Gemini runs})."""
     declarations, names, server_tools = _function_declarations(
         body.get("tools") or [], body["messages"]
     )
     choice = body.get("tool_choice") or {}
-    web_search = next(
-        (t for t in server_tools.values() if str(t.get("type")).startswith("web_search")), None
-    )
-    if web_search and (choice.get("name") == web_search["name"] or not declarations):
-        return {"tools": [{"googleSearch": {}}]}, names, web_search
-    if server_tools:
-        log.debug("server tools left out (Gemini cannot run them): %s", ", ".join(server_tools))
-    if not declarations:
-        return {}, names, None
-    return {"tools": [{"functionDeclarations": declarations}],
-            "toolConfig": {"functionCallingConfig": _function_calling(choice, names)}}, names, None
+    builtins = _builtin_tools(server_tools, declarations, choice, model)
+    return _tool_fields(builtins, declarations, choice, names), names, builtins
 
 
 # == Response: Gemini -> Anthropic ============================================
@@ -1457,6 +1496,9 @@ class ResponseFold:
         self.saw_candidate = False
         self.called_tool = False
         self.search_requests = 0
+        self.fetch_requests = 0
+        self.code_uses: dict = {}  # Gemini's executableCode id ("" for the latest) -> block id
+        self.citations: list = []  # Google Search citations not yet placed on a text block
         self.usage_metadata: dict = {}
         self.done = False  # a stop sequence matched: read no further
 
@@ -1491,9 +1533,7 @@ class ResponseFold:
             return events
         candidate = candidates[0]
         self.saw_candidate = True
-        grounding = candidate.get("groundingMetadata")
-        if self.request.web_search and grounding and not self.search_requests:
-            self._search_blocks(grounding, events)
+        self._metadata_blocks(candidate, events)
         for part in (candidate.get("content") or {}).get("parts") or ():
             if self.done:
                 break
@@ -1566,8 +1606,9 @@ class ResponseFold:
             "output_tokens": _token_count(meta, "candidatesTokenCount") + thoughts,
             "output_tokens_details": {"thinking_tokens": thoughts},
         }
-        if self.search_requests:
-            usage["server_tool_use"] = {"web_search_requests": self.search_requests}
+        if self.search_requests or self.fetch_requests:
+            usage["server_tool_use"] = {"web_search_requests": self.search_requests,
+                                        "web_fetch_requests": self.fetch_requests}
         return usage
 
     def message(self) -> dict:
@@ -1596,6 +1637,14 @@ class ResponseFold:
             # after the text would become the reply it shows), Gemini does not check it, and held
             # in one instance's memory it made the replayed history differ between instances.
             self._text(part["text"], events)
+        elif "executableCode" in part:  # {executableCode: {language, code, id?}}
+            self._code(part["executableCode"], events)
+        elif "codeExecutionResult" in part:  # {codeExecutionResult: {outcome, output, id?}}
+            self._code_result(part["codeExecutionResult"], events)
+        elif {"inlineData", "fileData", "functionResponse"} & set(part):
+            self._unrelayable(part, events)
+        elif set(part) - {"thoughtSignature", "text"}:  # toolCall/toolResponse: built-in records
+            log.debug("Gemini part not relayed: %s", ", ".join(sorted(part)))
 
     def _open(self, kind: str, events: list) -> None:
         if self.open_kind == kind:
@@ -1630,6 +1679,8 @@ class ResponseFold:
             return
         block = self.blocks[-1]
         block[self.open_kind] = "".join(self.pieces)
+        if self.open_kind == "text" and self.citations:
+            self._cite(block, events)
         self.pieces = []
         self.open_kind = ""
         events.append(
@@ -1720,11 +1771,46 @@ class ResponseFold:
         events.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
         self.blocks.append(block)
 
+    def _cite(self, block: dict, events: list) -> None:
+        """Put the citations whose cited text this block holds on it (citations_delta)."""
+        cited = [c for c in self.citations if c["cited_text"] in block["text"]]
+        if not cited:
+            return
+        self.citations = [c for c in self.citations if c not in cited]
+        block["citations"] = cited
+        index = len(self.blocks) - 1
+        events.extend(("content_block_delta", {"type": "content_block_delta", "index": index,
+                                               "delta": {"type": "citations_delta",
+                                                         "citation": citation}})
+                      for citation in cited)
+
+    # -- server tools Gemini ran ------------------------------------------------
+
+    def _metadata_blocks(self, candidate: dict, events: list) -> None:
+        """Emit the search and fetch blocks of Gemini's grounding and URL context metadata."""
+        grounding = candidate.get("groundingMetadata")
+        grounding = grounding if isinstance(grounding, dict) else {}
+        if self.request.web_search and grounding and not self.search_requests:
+            self._search_blocks(grounding, events)
+            self.citations = _citations(grounding)
+        url_context = candidate.get("urlContextMetadata")
+        if self.request.server_tools.get("web_fetch") and isinstance(url_context, dict) \
+                and not self.fetch_requests:
+            self._fetch_blocks(url_context, grounding, events)
+
+    def _server_use(self, name: str, tool_input: dict, events: list) -> str:
+        """Emit a server_tool_use block; return its id."""
+        self._flush_held(events)
+        self._close(events)
+        tool_id = "srvtoolu_" + secrets.token_hex(12)
+        self._whole_block({"type": "server_tool_use", "id": tool_id, "name": name, "input": {}},
+                          tool_input, events)
+        return tool_id
+
     def _search_blocks(self, grounding: dict, events: list) -> None:
-        """Emit server_tool_use + web_search_tool_result from Google Search grounding."""
-        queries = [q for q in grounding.get("webSearchQueries") or () if isinstance(q, str)] or [
-            ""
-        ]
+        """Emit server_tool_use + web_search_tool_result per query Google Search ran; the
+        sources (Gemini does not say which query found which) go with the first."""
+        queries = [q for q in grounding.get("webSearchQueries") or () if isinstance(q, str)]
         results = []
         for chunk in grounding.get("groundingChunks") or ():
             web = chunk.get("web") if isinstance(chunk, dict) else None
@@ -1732,23 +1818,111 @@ class ResponseFold:
                 results.append({"type": "web_search_result", "url": web["uri"],
                                 "title": web.get("title") or web["uri"], "encrypted_content": "",
                                 "page_age": None})
-        tool_id = "srvtoolu_" + secrets.token_hex(12)
-        self._whole_block(
-            {
-                "type": "server_tool_use",
-                "id": tool_id,
-                "name": self.request.web_search["name"],
-                "input": {},
-            },
-            {"query": queries[0]},
-            events,
-        )
-        self._whole_block(
-            {"type": "web_search_tool_result", "tool_use_id": tool_id, "content": results},
-            None,
-            events,
-        )
-        self.search_requests = len(queries)
+        for i, query in enumerate(queries or [""]):
+            tool_id = self._server_use("web_search", {"query": query}, events)
+            self._whole_block({"type": "web_search_tool_result", "tool_use_id": tool_id,
+                               "content": results if i == 0 else []}, None, events)
+        self.search_requests = len(queries or [""])
+
+    def _fetch_blocks(self, url_context: dict, grounding: dict, events: list) -> None:
+        """Emit server_tool_use + web_fetch_tool_result per URL that URL context read."""
+        titles = {}
+        for chunk in grounding.get("groundingChunks") or ():
+            web = chunk.get("web") if isinstance(chunk, dict) else None
+            if isinstance(web, dict) and web.get("uri"):
+                titles[web["uri"]] = web.get("title")
+        entries = [entry for entry in url_context.get("urlMetadata") or ()
+                   if isinstance(entry, dict) and isinstance(entry.get("retrievedUrl"), str)]
+        for entry in entries:
+            url = entry["retrievedUrl"]
+            tool_id = self._server_use("web_fetch", {"url": url}, events)
+            self._whole_block({"type": "web_fetch_tool_result", "tool_use_id": tool_id,
+                               "content": _fetch_content(entry, titles.get(url))}, None, events)
+        self.fetch_requests = len(entries)
+
+    def _code(self, code, events: list) -> None:
+        code = code if isinstance(code, dict) else {}
+        tool_id = self._server_use("code_execution", {"code": str(code.get("code") or "")}, events)
+        self.code_uses[str(code.get("id") or "")] = self.code_uses[""] = tool_id
+
+    def _code_result(self, result, events: list) -> None:
+        result = result if isinstance(result, dict) else {}
+        tool_id = self.code_uses.get(str(result.get("id") or "")) or self.code_uses.get("")
+        if tool_id is None:  # a result without its code: the use still comes first
+            tool_id = self._server_use("code_execution", {"code": ""}, events)
+        self._flush_held(events)
+        self._close(events)
+        self._whole_block({"type": "code_execution_tool_result", "tool_use_id": tool_id,
+                           "content": _code_result_content(result)}, None, events)
+
+    def _unrelayable(self, part: dict, events: list) -> None:
+        """Say in the answer what Gemini produced that no Messages API block can carry."""
+        if "functionResponse" in part:
+            response = part["functionResponse"] if isinstance(part["functionResponse"], dict) \
+                else {}
+            what = f"a function response for {response.get('name') or 'a tool'}"
+        else:
+            data = part.get("inlineData") or part.get("fileData")
+            data = data if isinstance(data, dict) else {}
+            size = len(data.get("data") or "") * 3 // 4
+            details = [str(data.get("mimeType") or "unknown type")[:64]]
+            details += [f"{max(1, size // 1024)} KB"] if size else []
+            what = f"a file ({', '.join(details)})"
+        log.debug("Gemini produced %s, which the Messages API cannot return", what)
+        self._flush_held(events)
+        gap = "\n\n" if self.open_kind == "text" else ""
+        self._emit_text(f"{gap}[proxy: Gemini produced {what}, which cannot be relayed here.]",
+                        events)
+
+
+# Gemini's URL retrieval statuses that failed -> Anthropic web_fetch error codes.
+URL_FETCH_ERRORS = {"URL_RETRIEVAL_STATUS_ERROR": "url_not_accessible",
+                    "URL_RETRIEVAL_STATUS_PAYWALL": "url_not_accessible",
+                    "URL_RETRIEVAL_STATUS_UNSAFE": "url_not_allowed"}
+
+
+def _fetch_content(entry: dict, title) -> dict:
+    """Return the content of a web_fetch_tool_result for one urlMetadata entry."""
+    status = entry.get("urlRetrievalStatus")
+    if status != "URL_RETRIEVAL_STATUS_SUCCESS":
+        return {"type": "web_fetch_tool_result_error",
+                "error_code": URL_FETCH_ERRORS.get(status, "unavailable")}
+    # Gemini reports which pages it read and their titles, never the page text.
+    return {"type": "web_fetch_result", "url": entry["retrievedUrl"], "retrieved_at": None,
+            "content": {"type": "document", "title": title if isinstance(title, str) else None,
+                        "citations": None,
+                        "source": {"type": "text", "media_type": "text/plain", "data": ""}}}
+
+
+def _code_result_content(result: dict) -> dict:
+    """Return the content of a code_execution_tool_result for a codeExecutionResult."""
+    outcome, output = result.get("outcome"), str(result.get("output") or "")
+    if outcome == "OUTCOME_DEADLINE_EXCEEDED":
+        return {"type": "code_execution_tool_result_error",
+                "error_code": "execution_time_exceeded"}
+    failed = outcome != "OUTCOME_OK"  # Gemini puts the traceback of a failed run in output
+    return {"type": "code_execution_result", "stdout": "" if failed else output,
+            "stderr": output if failed else "", "return_code": 1 if failed else 0,
+            "content": []}
+
+
+def _citations(grounding: dict) -> list:
+    """Return web_search_result_location citations for Google Search's groundingSupports."""
+    sources = [chunk.get("web") if isinstance(chunk, dict) else None
+               for chunk in grounding.get("groundingChunks") or ()]
+    citations = []
+    for support in grounding.get("groundingSupports") or ():
+        segment = support.get("segment") if isinstance(support, dict) else None
+        cited = segment.get("text") if isinstance(segment, dict) else None
+        if not isinstance(cited, str) or not cited.strip():
+            continue
+        for index in support.get("groundingChunkIndices") or ():
+            web = sources[index] if isinstance(index, int) and 0 <= index < len(sources) else None
+            if isinstance(web, dict) and isinstance(web.get("uri"), str):
+                citations.append({"type": "web_search_result_location", "url": web["uri"],
+                                  "title": web.get("title") or None, "cited_text": cited,
+                                  "encrypted_index": ""})
+    return citations
 
 
 def _token_count(meta: dict, name: str) -> int:
@@ -2814,9 +2988,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         request = to_gemini_request(self.read_json(), server.config, server.signatures)
         self.gemini_model = request.model
         fold = ResponseFold(request, server.signatures)
-        # Google Search answers come whole (their blocks go first); stop sequences are cut here,
+        # Search and fetch answers come whole (their blocks go first); stop sequences are cut here,
         # so they are read as a stream to stop Gemini at the match.
-        live = server.config.stream_mode == "live" and not request.web_search and (
+        live = server.config.stream_mode == "live" and not request.whole_answer and (
             request.stream or bool(request.stop_sequences))
         cancel = Cancel()
         headers = {"x-gemini-model": request.model}

@@ -42,13 +42,15 @@ class Reply:
         self.cut = cut  # end the stream without the terminating chunk
 
 
-def chunk(*parts, finish=None, usage=None, grounding=None, model="gemini-3.5-flash"):
+def chunk(*parts, finish=None, usage=None, grounding=None, url_context=None, model="gemini-3.5-flash"):
     """Return one GenerateContentResponse holding `parts`."""
     candidate = {"content": {"role": "model", "parts": list(parts)}, "index": 0}
     if finish:
         candidate["finishReason"] = finish
     if grounding:
         candidate["groundingMetadata"] = grounding
+    if url_context:
+        candidate["urlContextMetadata"] = {"urlMetadata": url_context}
     answer = {"candidates": [candidate], "modelVersion": model, "responseId": "resp1"}
     answer["usageMetadata"] = usage or {"promptTokenCount": 10, "candidatesTokenCount": 5,
                                         "totalTokenCount": 15}
@@ -241,6 +243,11 @@ class FakeGemini:
                     return 400, gemini_error(400, "Invalid JSON payload: parametersJsonSchema")
                 if not cgp.GEMINI_NAME_RE.match(declaration["name"]):
                     return 400, gemini_error(400, "Invalid function name. Must start with a letter or an underscore.")
+        builtins = [t for t in body.get("tools") or () if set(t) & {"googleSearch", "urlContext", "codeExecution"}]
+        if builtins and any("functionDeclarations" in t for t in body.get("tools") or ()):
+            combined = (body.get("toolConfig") or {}).get("includeServerSideToolInvocations") is True
+            if cgp.model_version(model) < (3, 0) or not combined:  # the tool-combination guide's rule
+                return 400, gemini_error(400, "Tool use with function calling is unsupported")
         generation = body.get("generationConfig") or {}
         if len(generation.get("stopSequences") or ()) > 5:
             return 400, gemini_error(400, "stop_sequences: at most 5")
@@ -367,7 +374,7 @@ def merge_chunks(chunks):
     last = chunks[-1]
     if merged.get("candidates"):
         merged["candidates"][0]["content"] = {"role": "model", "parts": parts}
-        for key in ("finishReason", "groundingMetadata"):
+        for key in ("finishReason", "groundingMetadata", "urlContextMetadata"):
             for answer in chunks:
                 for candidate in answer.get("candidates") or ():
                     if key in candidate:
@@ -512,6 +519,9 @@ def read_sse(raw):
                 block["signature"] = delta["signature"]
             elif delta["type"] == "input_json_delta":
                 partial += delta["partial_json"]
+            elif delta["type"] == "citations_delta":
+                assert block["type"] == "text"
+                block.setdefault("citations", []).append(delta["citation"])
             else:
                 raise AssertionError(f"unknown delta {delta['type']}")
         elif kind == "content_block_stop":
@@ -1351,7 +1361,7 @@ def test_web_search_grounding_becomes_server_tool_blocks():
     assert use["name"] == "web_search" and use["input"] == {"query": "capital of France"}
     assert cgp.re.match(r"^srvtoolu_[a-zA-Z0-9_]+$", use["id"]) and result["tool_use_id"] == use["id"]
     assert result["content"][0]["url"] == "https://example.com/paris"
-    assert message["usage"]["server_tool_use"] == {"web_search_requests": 1}
+    assert message["usage"]["server_tool_use"] == {"web_search_requests": 1, "web_fetch_requests": 0}
 
 
 # == HTTP handler: routes, auth, limits ======================================
@@ -2874,7 +2884,7 @@ def test_web_search_is_answered_by_google_search_in_stream_form(gemini, proxy):
     assert message["content"][0]["input"] == {"query": "capital of France"}
     assert [r["url"] for r in message["content"][1]["content"]] == ["https://example.com/paris", "https://example.org/fr"]
     assert message["content"][2]["text"] == "Paris is the capital of France."
-    assert message["usage"]["server_tool_use"] == {"web_search_requests": 1}
+    assert message["usage"]["server_tool_use"] == {"web_search_requests": 1, "web_fetch_requests": 0}
 
 
 def test_web_search_domain_filters_reach_the_prompt_and_forced_choice_is_no_400(gemini, proxy):
@@ -3025,3 +3035,169 @@ def test_search_results_compaction_and_server_artefacts_become_text_or_are_dropp
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len([w for w in warnings if odd in w]) == 1, warnings  # once per type per process
     assert not [w for w in warnings if "future_note" in w or "compaction" in w or "fallback" in w]
+
+
+# == Messages API surface, late 2026: server tools Gemini runs ================
+# Anthropic shapes: anthropic 2.x types/web_fetch_tool_result_block.py, web_fetch_block.py,
+# code_execution_tool_result_block.py, code_execution_result_block.py, server_tool_usage.py.
+# Gemini shapes: urlContextMetadata.urlMetadata[{retrievedUrl, urlRetrievalStatus}],
+# executableCode{language, code}, codeExecutionResult{outcome, output}.
+
+WEB_FETCH_TOOL = {"type": "web_fetch_20250910", "name": "web_fetch", "max_uses": 3,
+                  "allowed_domains": ["example.com"], "blocked_domains": ["evil.example"]}
+CODE_TOOL = {"type": "code_execution_20250825", "name": "code_execution"}
+
+
+def answer_message(proxy, body, streamed):
+    """Return the Message the client gets, from the JSON body or rebuilt from the stream."""
+    if streamed:
+        events, message = stream(proxy, body)
+        return message, events
+    answer = post(proxy, body)
+    assert answer.status == 200, answer.raw
+    return answer.json, None
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_web_fetch_runs_as_url_context_and_returns_fetch_blocks(gemini, proxy, streamed):
+    grounding = {"groundingChunks": [{"web": {"uri": "https://example.com/a", "title": "Page A"}}]}
+    gemini.script = [Reply(chunk(text("A is about apples; B could not be read.")),
+                           chunk(text(""), finish="STOP", grounding=grounding, url_context=[
+                               {"retrievedUrl": "https://example.com/a", "urlRetrievalStatus": "URL_RETRIEVAL_STATUS_SUCCESS"},
+                               {"retrievedUrl": "https://example.com/b", "urlRetrievalStatus": "URL_RETRIEVAL_STATUS_ERROR"}]))]
+    body = messages_body("Summarize https://example.com/a and https://example.com/b", tools=[WEB_FETCH_TOOL])
+    message, _ = answer_message(proxy, body, streamed)
+    method, path, _, sent = gemini.requests[-1]
+    assert path.endswith(":generateContent")  # read whole: the fetch blocks go before the text
+    assert sent["tools"] == [{"urlContext": {}}] and "toolConfig" not in sent
+    prompt = sent["systemInstruction"]["parts"][-1]["text"]
+    assert "URL context" in prompt and "example.com" in prompt and "evil.example" in prompt
+    kinds = [b["type"] for b in message["content"]]
+    assert kinds == ["server_tool_use", "web_fetch_tool_result"] * 2 + ["text"]
+    use_a, result_a, use_b, result_b, answer_text = message["content"]
+    assert use_a["name"] == "web_fetch" and use_a["input"] == {"url": "https://example.com/a"}
+    assert result_a["tool_use_id"] == use_a["id"] and use_a["id"].startswith("srvtoolu_")
+    assert result_a["content"] == {
+        "type": "web_fetch_result", "url": "https://example.com/a", "retrieved_at": None,
+        "content": {"type": "document", "title": "Page A", "citations": None,
+                    "source": {"type": "text", "media_type": "text/plain", "data": ""}}}
+    assert use_b["input"] == {"url": "https://example.com/b"} and result_b["tool_use_id"] == use_b["id"]
+    assert result_b["content"] == {"type": "web_fetch_tool_result_error", "error_code": "url_not_accessible"}
+    assert answer_text["text"] == "A is about apples; B could not be read."
+    assert message["usage"]["server_tool_use"] == {"web_search_requests": 0, "web_fetch_requests": 2}
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_code_execution_parts_become_code_execution_blocks(gemini, proxy, streamed):
+    gemini.script = [Reply(
+        chunk(text("Let me compute.")),
+        chunk({"executableCode": {"language": "PYTHON", "code": "print(6 * 7)"}}),
+        chunk({"codeExecutionResult": {"outcome": "OUTCOME_OK", "output": "42\n"}}),
+        chunk({"executableCode": {"language": "PYTHON", "code": "1/0"}},
+              {"codeExecutionResult": {"outcome": "OUTCOME_FAILED", "output": "ZeroDivisionError"}}),
+        chunk({"executableCode": {"language": "PYTHON", "code": "while True: pass"}},
+              {"codeExecutionResult": {"outcome": "OUTCOME_DEADLINE_EXCEEDED"}}),
+        chunk(text("6 * 7 = 42."), finish="STOP"))]
+    body = messages_body("What is 6*7? Run code.", tools=[CODE_TOOL])
+    message, events = answer_message(proxy, body, streamed)
+    sent = gemini.bodies[-1]
+    assert sent["tools"] == [{"codeExecution": {}}] and "toolConfig" not in sent
+    if streamed:  # code blocks do not wait for the end: relayed live
+        assert gemini.requests[-1][1].endswith(":streamGenerateContent?alt=sse")
+    kinds = [b["type"] for b in message["content"]]
+    assert kinds == ["text"] + ["server_tool_use", "code_execution_tool_result"] * 3 + ["text"]
+    uses, results = message["content"][1:7:2], message["content"][2:7:2]
+    assert [u["input"] for u in uses] == [{"code": "print(6 * 7)"}, {"code": "1/0"}, {"code": "while True: pass"}]
+    assert all(u["name"] == "code_execution" for u in uses)
+    assert [r["tool_use_id"] for r in results] == [u["id"] for u in uses]
+    assert results[0]["content"] == {"type": "code_execution_result", "stdout": "42\n", "stderr": "",
+                                     "return_code": 0, "content": []}
+    assert results[1]["content"] == {"type": "code_execution_result", "stdout": "", "stderr": "ZeroDivisionError",
+                                     "return_code": 1, "content": []}
+    assert results[2]["content"] == {"type": "code_execution_tool_result_error",
+                                     "error_code": "execution_time_exceeded"}
+    assert message["content"][-1]["text"] == "6 * 7 = 42." and message["stop_reason"] == "end_turn"
+
+
+def test_builtin_tools_join_function_tools_on_gemini_3_and_give_way_on_2x(gemini, proxy):
+    tools = [WEB_FETCH_TOOL, CODE_TOOL, {"name": "Read", "input_schema": {"type": "object"}}]
+    gemini.script = [Reply(chunk({"toolCall": {"toolType": "URL_CONTEXT", "id": "t1"}},
+                                 {"toolResponse": {"toolType": "URL_CONTEXT", "id": "t1"}},
+                                 call("Read", {"path": "a.txt"}), finish="STOP"))]
+    answer = post(proxy, messages_body("Fetch https://example.com then read a.txt", model="gemini-3.5-flash",
+                                       tools=tools))
+    assert answer.status == 200, answer.raw
+    sent = gemini.bodies[-1]
+    assert sent["tools"] == [{"functionDeclarations": [{"name": "Read", "description": "",
+                                                        "parametersJsonSchema": {"type": "object"}}]},
+                             {"urlContext": {}}, {"codeExecution": {}}]
+    assert sent["toolConfig"] == {"functionCallingConfig": {"mode": "AUTO"},
+                                  "includeServerSideToolInvocations": True}
+    assert [b["type"] for b in answer.json["content"]] == ["tool_use"]  # built-in records are not blocks
+    older = post(proxy, messages_body("Fetch https://example.com then read a.txt", model="gemini-2.5-flash",
+                                      tools=tools))
+    assert older.status == 200, older.raw  # Gemini 2.x cannot combine: the client's functions win
+    assert gemini.bodies[-1]["tools"] == [sent["tools"][0]] and "include" not in json.dumps(gemini.bodies[-1])
+    forced = post(proxy, messages_body("Fetch it", model="gemini-2.5-flash", tools=tools,
+                                       tool_choice={"type": "tool", "name": "web_fetch"}))
+    assert forced.status == 200 and gemini.bodies[-1]["tools"] == [{"urlContext": {}}]
+
+
+def test_unrelayable_parts_leave_a_note_and_a_debug_line(gemini, proxy, caplog):
+    caplog.set_level("DEBUG", logger="claude_gemini_proxy")
+    image = base64.b64encode(b"\x89PNG" + b"x" * 4000).decode()
+    gemini.script = [Reply(chunk(text("Here is the chart."), {"inlineData": {"mimeType": "image/png", "data": image}},
+                                 {"functionResponse": {"name": "lookup", "response": {"ok": True}}},
+                                 finish="STOP"))]
+    answer = post(proxy, messages_body("Plot it"))
+    assert answer.status == 200, answer.raw
+    assert [b["type"] for b in answer.json["content"]] == ["text"]
+    assert answer.json["content"][0]["text"] == (
+        "Here is the chart.\n\n[proxy: Gemini produced a file (image/png, 3 KB), which cannot be relayed here.]"
+        "\n\n[proxy: Gemini produced a function response for lookup, which cannot be relayed here.]")
+    assert image not in answer.raw.decode()
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "DEBUG"]
+    assert any("image/png" in line for line in logged) and any("function response for lookup" in line
+                                                               for line in logged)
+    assert "contents" in gemini.bodies[-1]
+
+
+# == Messages API surface, late 2026: citations ===============================
+# Anthropic: types/citations_web_search_result_location.py, citations_delta.py; Gemini:
+# groundingMetadata.groundingSupports[{segment{startIndex, endIndex, text}, groundingChunkIndices}].
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_grounding_supports_become_citations_and_every_query_shows(gemini, proxy, streamed):
+    answer_text = "Paris is the capital of France. It has about two million people."
+    grounding = {
+        "webSearchQueries": ["capital of France", "population of Paris"],
+        "groundingChunks": [{"web": {"uri": "https://example.com/paris", "title": "Paris - Example"}},
+                            {"web": {"uri": "https://example.org/stats", "title": "Stats"}}],
+        "groundingSupports": [
+            {"segment": {"startIndex": 0, "endIndex": 31, "text": "Paris is the capital of France."},
+             "groundingChunkIndices": [0, 1]},
+            {"segment": {"startIndex": 32, "endIndex": 65, "text": "It has about two million people."},
+             "groundingChunkIndices": [1, 7]}]}  # an index past the chunks is skipped
+    gemini.script = [Reply(chunk(text(answer_text[:20])), chunk(text(answer_text[20:]), finish="STOP",
+                                                                grounding=grounding))]
+    body = messages_body("Tell me about Paris.", tools=[{"type": "web_search_20250305", "name": "web_search"}])
+    message, events = answer_message(proxy, body, streamed)
+    assert gemini.bodies[-1]["tools"] == [{"googleSearch": {}}]
+    kinds = [b["type"] for b in message["content"]]
+    assert kinds == ["server_tool_use", "web_search_tool_result"] * 2 + ["text"]
+    assert [b["input"] for b in message["content"][0:4:2]] == [{"query": "capital of France"},
+                                                               {"query": "population of Paris"}]
+    assert len(message["content"][1]["content"]) == 2 and message["content"][3]["content"] == []
+    cited = message["content"][-1]
+    assert cited["text"] == answer_text  # the text itself is unchanged
+    expected = [("Paris is the capital of France.", "https://example.com/paris", "Paris - Example"),
+                ("Paris is the capital of France.", "https://example.org/stats", "Stats"),
+                ("It has about two million people.", "https://example.org/stats", "Stats")]
+    assert len(cited["citations"]) == len(expected)
+    for citation, (cited_text, url, title) in zip(cited["citations"], expected):
+        assert citation == {"type": "web_search_result_location", "url": url, "title": title,
+                            "cited_text": cited_text, "encrypted_index": ""}
+    assert message["usage"]["server_tool_use"] == {"web_search_requests": 2, "web_fetch_requests": 0}
+    if streamed:
+        deltas = [e for e in events if e["type"] == "content_block_delta" and e["delta"]["type"] == "citations_delta"]
+        assert len(deltas) == 3 and all(e["index"] == 4 for e in deltas)
