@@ -1611,6 +1611,10 @@ class ResponseFold:
                                         "web_fetch_requests": self.fetch_requests}
         return usage
 
+    def prompt_tokens(self) -> int:
+        """Return Gemini's prompt count (cached tokens included), 0 before it counted."""
+        return _token_count(self.usage_metadata, "promptTokenCount")
+
     def message(self) -> dict:
         """Return the non-stream Message (after finish())."""
         return {"id": self.id, "type": "message", "role": "assistant",
@@ -1968,6 +1972,29 @@ class Histogram:
 
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+TOKEN_KINDS = ("input", "cached", "output", "thinking")
+# Why a generate call went upstream: the client's request, a refused call retried (429/5xx,
+# 401 with a new token, an invalid key dropped), an empty or malformed answer asked again, or a
+# request the self-healing rules changed and sent again.
+UPSTREAM_CALL_REASONS = ("first", "retry_status", "retry_empty", "retry_malformed", "self_heal")
+
+
+def _token_kinds(usage: dict) -> tuple:
+    """Return (kind, count) pairs of TOKEN_KINDS for an Anthropic usage object."""
+    details = usage.get("output_tokens_details") or {}
+    return (("input", usage.get("input_tokens", 0)),
+            ("cached", usage.get("cache_read_input_tokens", 0)),
+            ("output", usage.get("output_tokens", 0)),
+            ("thinking", details.get("thinking_tokens", 0)))
+
+
+def _labelled(name: str, help_text: str, counts: dict, label: str) -> list:
+    """Return a counter's lines from {model: {label value: count}}."""
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
+    for model, by_label in sorted(counts.items()):
+        lines += [f'{name}{{model="{model}",{label}="{value}"}} {count}'
+                  for value, count in by_label.items()]
+    return lines
 
 
 class Metrics:
@@ -1975,7 +2002,8 @@ class Metrics:
 
     def __init__(self):
         self.requests: dict = {}  # (route, status, gemini model) -> count
-        self.tokens = {"input": 0, "output": 0, "cached": 0}
+        self.tokens: dict = {}  # gemini model -> {kind: count}, kinds as in TOKEN_KINDS
+        self.calls: dict = {}  # gemini model -> {reason: upstream generate calls}
         self.upstream_seconds = Histogram(LATENCY_BUCKETS)
         self.first_chunk_seconds = Histogram(LATENCY_BUCKETS)
         self._lock = threading.Lock()
@@ -1985,9 +2013,14 @@ class Metrics:
             key = (route, status, model)
             self.requests[key] = self.requests.get(key, 0) + 1
             if usage:
-                self.tokens["input"] += usage.get("input_tokens", 0)
-                self.tokens["output"] += usage.get("output_tokens", 0)
-                self.tokens["cached"] += usage.get("cache_read_input_tokens", 0)
+                tokens = self.tokens.setdefault(model, dict.fromkeys(TOKEN_KINDS, 0))
+                for kind, count in _token_kinds(usage):
+                    tokens[kind] += count
+
+    def count_call(self, model: str, reason: str) -> None:
+        with self._lock:
+            calls = self.calls.setdefault(model, dict.fromkeys(UPSTREAM_CALL_REASONS, 0))
+            calls[reason] += 1
 
     def observe(self, histogram: Histogram, seconds: float) -> None:
         with self._lock:
@@ -2004,13 +2037,10 @@ class Metrics:
                     f'{prefix}requests_total{{route="{route}",status="{status}",'
                     f'model="{model}"}} {count}'
                 )
-            lines += [
-                f"# HELP {prefix}tokens_total Tokens reported by Gemini.",
-                f"# TYPE {prefix}tokens_total counter",
-            ]
-            lines += [
-                f'{prefix}tokens_total{{kind="{kind}"}} {n}' for kind, n in self.tokens.items()
-            ]
+            lines += _labelled(prefix + "tokens_total", "Tokens Gemini reported, by model and "
+                               "kind (output includes thinking).", self.tokens, "kind")
+            lines += _labelled(prefix + "upstream_calls_total", "Gemini generate calls by model "
+                               "and reason: all but first are extra.", self.calls, "reason")
             lines += self.upstream_seconds.render(
                 prefix + "upstream_seconds", "Time to Gemini's response headers."
             )
@@ -2251,25 +2281,25 @@ class UpstreamClient:
             return {"Authorization": f"Bearer {key}"}
         return {"x-goog-api-key": key}
 
-    def _open(self, method: str, path: str, payload: bytes | None = None) -> tuple:
-        """Return (connection, response) for a 200 answer; raise ProxyError otherwise."""
+    def _open(self, method: str, path: str, payload: bytes | None = None,
+              generation: tuple | None = None) -> tuple:
+        """Return (connection, response) for a 200 answer; raise ProxyError otherwise.
+
+        generation is (model, reason) for a generate call, counted per upstream call."""
         attempt, token_refreshed = 0, False
         while True:
             key = self.keys.pick()
             auth = self._auth_headers(key)
             headers = {"content-type": "application/json", **auth}
+            if generation:
+                self.metrics.count_call(*generation)
+                generation = (generation[0], "retry_status")  # any further call retries this one
             started = self.now()
             conn, response = self._send(method, self.base_path + path, payload, headers)
             elapsed = self.now() - started
             self.metrics.observe(self.metrics.upstream_seconds, elapsed)
-            log.debug(
-                "upstream %s %s -> %d after %.0f ms (%d bytes sent)",
-                method,
-                path.split("?")[0],
-                response.status,
-                elapsed * 1000,
-                len(payload or b""),
-            )
+            log.debug("upstream %s %s -> %d after %.0f ms (%d bytes sent)", method,
+                      path.split("?")[0], response.status, elapsed * 1000, len(payload or b""))
             if response.status == 200:
                 return conn, response
             error = upstream_error(response.status, self._read_all(conn, response))
@@ -2322,14 +2352,18 @@ class UpstreamClient:
             raise ProxyError(502, "api_error", "Gemini sent an answer the proxy could not read")
         return answer
 
-    def generate(self, model: str, payload: bytes, live: bool) -> UpstreamAnswer:
-        """Return Gemini's answer to a generate request: streamed (live) or in one piece."""
+    def generate(self, model: str, payload: bytes, live: bool,
+                 reason: str = "first") -> UpstreamAnswer:
+        """Return Gemini's answer to a generate request: streamed (live) or in one piece.
+
+        reason says why the call is made (UPSTREAM_CALL_REASONS); retries of a refused
+        call count as retry_status."""
         if live:
             path = model_path(model, "streamGenerateContent") + "?alt=sse"
         else:
             path = model_path(model, "generateContent")
         asked_at = self.now()
-        conn, response = self._open("POST", path, payload)
+        conn, response = self._open("POST", path, payload, (model, reason))
         return UpstreamAnswer(self, conn, response, live, asked_at)
 
 
@@ -2665,11 +2699,13 @@ def run_fold(upstream: UpstreamClient, request: GeminiRequest, fold: ResponseFol
     come; an empty or malformed answer is asked for once more while nothing was sent."""
     payload = request.payload()
     for attempt in (0, 1):
+        reason = "first" if not attempt else (
+            "retry_malformed" if fold.finish_reason in RETRY_FINISH_REASONS else "retry_empty")
         if attempt:
             log.debug("Gemini answered %s with nothing usable; asking once more",
                       fold.finish_reason)
             fold.next_attempt()
-        answer = upstream.generate(request.model, payload, live)
+        answer = upstream.generate(request.model, payload, live, reason)
         cancel.attach(answer)
         try:
             send([])  # a stream's head and message_start: Gemini accepted the request
@@ -2798,6 +2834,18 @@ class StreamWatch:
                     pass
 
 
+# Claude Code's attribution headers, shown on the access line so an operator can add up a
+# session or an agent's cost.
+CALLER_HEADERS = (("x-claude-code-session-id", "session"), ("x-claude-code-agent-id", "agent"),
+                  ("x-claude-code-parent-agent-id", "parent"))
+LOG_WORD_RE = re.compile(r"[^A-Za-z0-9._:-]")
+
+
+def _log_word(value: str) -> str:
+    """Return a client-sent value safe for one field of a log line (no spaces, no newlines)."""
+    return LOG_WORD_RE.sub("?", value[:80])
+
+
 ROUTES = {
     "/v1/messages": ("POST", "messages"),
     "/v1/messages/count_tokens": ("POST", "count_tokens"),
@@ -2846,7 +2894,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         threading.current_thread().name = self.request_id  # every log line shows it
         self.started_at = time.monotonic()
         self.stream = None
-        self.status, self.gemini_model, self.usage = 0, "-", None
+        self.status, self.gemini_model, self.usage, self.prompt_tokens = 0, "-", None, 0
         with server.lock:
             server.active_requests += 1
         try:
@@ -2997,7 +3045,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if not request.stream:
             run_fold(server.upstream, request, fold, _discard_events, live, cancel)
             fold.finish()
-            self.usage = fold.usage()
+            self.usage, self.prompt_tokens = fold.usage(), fold.prompt_tokens()
             self.send_json(200, fold.message(), headers)
             return
         head = self.response_head(200, "text/event-stream", None, dict(
@@ -3009,7 +3057,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.stream.send(fold.finish(), end=True)
         finally:
             server.watch.remove(self.stream)
-        self.status, self.usage = 200, fold.usage()
+        self.status, self.usage, self.prompt_tokens = 200, fold.usage(), fold.prompt_tokens()
 
     # -- reading and writing ---------------------------------------------------
 
@@ -3105,9 +3153,14 @@ class ProxyHandler(BaseHTTPRequestHandler):
             "/v1/models/{id}" if path.startswith("/v1/models/") else "other")
         self.server.metrics.count_request(route, self.status, self.gemini_model, self.usage)
         usage = self.usage or {}
-        log.info("%s %s %d model=%s in=%s out=%s cached=%s %.0fms %s", method, path,
-                 self.status, self.gemini_model, usage.get("input_tokens", "-"),
-                 usage.get("output_tokens", "-"), usage.get("cache_read_input_tokens", "-"),
+        tokens = " ".join(f"{kind}={count}" for kind, count in _token_kinds(usage)) if usage \
+            else "input=- cached=- output=- thinking=-"
+        cached = usage.get("cache_read_input_tokens", 0)
+        share = f"{cached / self.prompt_tokens:.0%}" if self.prompt_tokens else "-"
+        callers = "".join(f" {field}={_log_word(self.headers[header])}"
+                          for header, field in CALLER_HEADERS if self.headers.get(header))
+        log.info("%s %s %d model=%s %s cache=%s%s %.0fms %s", method, path, self.status,
+                 self.gemini_model, tokens, share, callers,
                  (time.monotonic() - self.started_at) * 1000, self.request_id)
 
     def log_message(self, format: str, *args) -> None:

@@ -2471,12 +2471,39 @@ def test_metrics_count_a_known_mix_of_requests(gemini, proxy):
     assert 'claude_gemini_proxy_requests_total{route="/v1/messages",status="200",model="gemini-3.5-flash"} 2' in lines
     assert 'claude_gemini_proxy_requests_total{route="/v1/messages",status="529",model="gemini-3.5-flash"} 1' in lines
     assert 'claude_gemini_proxy_requests_total{route="other",status="404",model="-"} 1' in lines
-    assert 'claude_gemini_proxy_tokens_total{kind="input"} 60' in lines
-    assert 'claude_gemini_proxy_tokens_total{kind="cached"} 40' in lines
-    assert 'claude_gemini_proxy_tokens_total{kind="output"} 14' in lines
+    assert 'claude_gemini_proxy_tokens_total{model="gemini-3.5-flash",kind="input"} 60' in lines
+    assert 'claude_gemini_proxy_tokens_total{model="gemini-3.5-flash",kind="cached"} 40' in lines
+    assert 'claude_gemini_proxy_tokens_total{model="gemini-3.5-flash",kind="output"} 14' in lines
+    assert 'claude_gemini_proxy_tokens_total{model="gemini-3.5-flash",kind="thinking"} 0' in lines
+    assert 'claude_gemini_proxy_upstream_calls_total{model="gemini-3.5-flash",reason="first"} 3' in lines
     assert "claude_gemini_proxy_upstream_seconds_count 3" in lines
     assert "claude_gemini_proxy_first_chunk_seconds_count 1" in lines
     assert "claude_gemini_proxy_streams_open 0" in lines and "claude_gemini_proxy_keys_resting 0" in lines
+
+
+def test_metrics_count_upstream_calls_by_reason_and_tokens_per_model(gemini, start_proxy):
+    proxy = start_proxy(make_config(gemini, max_retries=1), Clock())
+    thinking = {"promptTokenCount": 50, "cachedContentTokenCount": 30, "candidatesTokenCount": 5,
+                "thoughtsTokenCount": 12}
+    gemini.script = [Reply(status=503, error=gemini_error(503, "busy", "UNAVAILABLE")),
+                     Reply(chunk(text("a"), finish="STOP", usage=thinking)),  # first + retry_status
+                     Reply(chunk(finish="STOP")), Reply(chunk(text("b"), finish="STOP")),  # retry_empty
+                     Reply(chunk(finish="MALFORMED_FUNCTION_CALL")),
+                     Reply(chunk(text("c"), finish="STOP"))]  # retry_malformed
+    for model in ("gemini-3.1-pro-preview", "gemini-3.5-flash", "gemini-3.5-flash"):
+        assert post(proxy, messages_body(model=model)).status == 200
+    lines = set(request(proxy, "GET", "/metrics").raw.decode().splitlines())
+    name = "claude_gemini_proxy_upstream_calls_total"
+    for model, reason, count in [
+            ("gemini-3.1-pro-preview", "first", 1), ("gemini-3.1-pro-preview", "retry_status", 1),
+            ("gemini-3.5-flash", "first", 2), ("gemini-3.5-flash", "retry_empty", 1),
+            ("gemini-3.5-flash", "retry_malformed", 1), ("gemini-3.5-flash", "self_heal", 0)]:
+        assert f'{name}{{model="{model}",reason="{reason}"}} {count}' in lines
+    assert len(gemini.bodies) == 6
+    tokens = "claude_gemini_proxy_tokens_total"
+    assert f'{tokens}{{model="gemini-3.1-pro-preview",kind="cached"}} 30' in lines
+    assert f'{tokens}{{model="gemini-3.1-pro-preview",kind="thinking"}} 12' in lines
+    assert f'{tokens}{{model="gemini-3.1-pro-preview",kind="output"}} 17' in lines
 
 
 def test_metrics_need_the_proxy_token(gemini, start_proxy):
@@ -2530,6 +2557,24 @@ def test_request_id_matches_header_error_body_and_log_line(gemini, proxy, caplog
         time.sleep(0.01)
     assert any(r.threadName == request_id and "upstream POST" in r.getMessage() for r in caplog.records)
     assert any(request_id in r.getMessage() and " 400 " in r.getMessage() for r in caplog.records)
+
+
+def test_access_line_shows_tokens_cache_share_and_claude_code_ids(gemini, proxy, caplog):
+    caplog.set_level("INFO", logger="claude_gemini_proxy")
+    usage = {"promptTokenCount": 900, "cachedContentTokenCount": 600, "candidatesTokenCount": 3,
+             "thoughtsTokenCount": 4}
+    gemini.script = [Reply(chunk(text("hi"), finish="STOP", usage=usage))]
+    headers = {"x-claude-code-session-id": "ec847b96-6f88", "x-claude-code-agent-id": "agent 7=x"}
+    answer = post(proxy, messages_body(), headers=headers)
+    deadline = time.monotonic() + 2
+    lines = []
+    while not lines and time.monotonic() < deadline:
+        lines = [r.getMessage() for r in caplog.records if answer.headers["request-id"] in r.getMessage()
+                 and r.getMessage().startswith("POST")]
+        time.sleep(0.01)
+    assert len(lines) == 1
+    assert " input=300 cached=600 output=7 thinking=4 cache=67% session=ec847b96-6f88 agent=agent?7?x " \
+        in lines[0], lines[0]
 
 
 # == Main: process life =======================================================
