@@ -43,11 +43,14 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import calendar
 import difflib
+import email.parser
 import fnmatch
 import hashlib
 import hmac
 import http.client
+import itertools
 import json
 import logging
 import mimetypes
@@ -114,6 +117,7 @@ class Config:
     https_proxy = ""  # egress proxies, read as urllib reads HTTPS_PROXY/HTTP_PROXY/NO_PROXY
     http_proxy = ""
     no_proxy = ""
+    batch_inline_bytes = 20_000_000  # Gemini's inline batch limit; larger go as a JSONL file
     debug = False
 
     def __init__(self, **values):
@@ -498,6 +502,31 @@ def decode_carrier(key: bytes, token: str) -> Carried | None:
     return Carried(model, kind, call_id, signature)
 
 
+NAMES_VERSION = b"\x02"  # never a carrier's version byte, so neither token passes as the other
+KIND_BATCH, KIND_FILE = b"b", b"f"
+
+
+def encode_names(key: bytes, kind: bytes, fields: list) -> str:
+    """Return a deterministic, HMAC-tagged token holding strings (Gemini resource names)."""
+    payload = NAMES_VERSION + kind + "\n".join(fields).encode()
+    mac = hmac.new(key, payload, hashlib.sha256).digest()[:CARRIER_MAC_BYTES]
+    return _b64url(payload + mac)
+
+
+def decode_names(key: bytes, kind: bytes, token: str) -> list | None:
+    """Return the strings of an encode_names token of this kind, or None if forged or foreign."""
+    try:
+        blob = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+    except (binascii.Error, ValueError):
+        return None
+    payload, mac = blob[:-CARRIER_MAC_BYTES], blob[-CARRIER_MAC_BYTES:]
+    if payload[:2] != NAMES_VERSION + kind or not hmac.compare_digest(
+        mac, hmac.new(key, payload, hashlib.sha256).digest()[:CARRIER_MAC_BYTES]
+    ):
+        return None
+    return payload[2:].decode().split("\n")
+
+
 class SignatureStore:
     """Thread-safe LRU of verified carriers: token -> Carried, bounded in size and age."""
 
@@ -734,23 +763,23 @@ def _check_media_type(media_type: str, allowed: tuple, where: str) -> str:
     return media_type
 
 
-def _media_parts(block: dict, where: str) -> list:
-    """Return the Gemini parts for an image or document block."""
+def _media_parts(block: dict, where: str, key: bytes) -> list:
+    """Return the Gemini parts for an image or document block (key: for file ids)."""
     source = block.get("source") if isinstance(block.get("source"), dict) else {}
     kind = source.get("type")
+    if kind == "file":  # {file_id}: uploaded through POST /v1/files
+        return [_file_data(source, where, key)]
     if block["type"] == "image":
         if kind == "base64":
-            media_type = _check_media_type(
-                source.get("media_type", ""), SUPPORTED_IMAGE_TYPES, where
-            )
+            media_type = _check_media_type(source.get("media_type", ""), SUPPORTED_IMAGE_TYPES,
+                                           where)
             return [{"inlineData": {"mimeType": media_type, "data": _base64_data(source, where)}}]
         if kind == "url" and isinstance(source.get("url"), str):
             guessed = mimetypes.guess_type(source["url"])[0] or "image/jpeg"
             media_type = _check_media_type(guessed, SUPPORTED_IMAGE_TYPES, where)
             return [{"fileData": {"mimeType": media_type, "fileUri": source["url"]}}]
-        raise bad_request(
-            f"{where}: image source type {kind!r} is not supported (use base64 or url)"
-        )
+        raise bad_request(f"{where}: image source type {kind!r} is not supported "
+                          "(use base64, url or file)")
     if kind == "base64":  # document
         media_type = source.get("media_type") or "application/pdf"
         if media_type == "text/plain":
@@ -765,13 +794,12 @@ def _media_parts(block: dict, where: str) -> list:
     if kind == "content":
         inner = source.get("content")
         parts = []
-        for i, item in enumerate(
-            _blocks(inner if inner is not None else "", f"{where}.source.content")
-        ):
+        items = _blocks(inner if inner is not None else "", f"{where}.source.content")
+        for i, item in enumerate(items):
             if item["type"] == "text" and item.get("text"):
                 parts.append({"text": item["text"]})
             elif item["type"] == "image":
-                parts.extend(_media_parts(item, f"{where}.source.content.{i}"))
+                parts.extend(_media_parts(item, f"{where}.source.content.{i}", key))
         return parts
     raise bad_request(f"{where}: document source type {kind!r} is not supported by Gemini")
 
@@ -820,7 +848,25 @@ def _other_block_parts(block: dict) -> list:
     return []
 
 
-def _tool_result_parts(block: dict, call: tuple | None, new_media: bool, where: str) -> tuple:
+def _file_data(source: dict, where: str, key: bytes) -> dict:
+    """Return the fileData part for a file_id source; 400 for a foreign or expired id."""
+    file_id = source.get("file_id")
+    token = file_id[5:] if isinstance(file_id, str) and file_id.startswith("file_") else ""
+    fields = decode_names(key, KIND_FILE, token) if token else None
+    if not fields or len(fields) != 4:
+        raise bad_request(f"{where}.source.file_id: {file_id!r} is not a file uploaded "
+                          "through this proxy (or it was uploaded with another key)")
+    _name, mime_type, expires, uri = fields
+    if int(expires) <= time.time():
+        raise bad_request(f"{where}.source.file_id: the file expired at "
+                          f"{_rfc3339_of(int(expires))} (Gemini keeps uploads 48 hours); "
+                          "upload it again")
+    return {"fileData": {"mimeType": mime_type, "fileUri": uri}}
+
+
+def _tool_result_parts(
+    block: dict, call: tuple | None, new_media: bool, where: str, key: bytes
+) -> tuple:
     """Return (functionResponse part, parts to place after the responses) for a tool_result."""
     content = block.get("content")
     texts, media = [], []
@@ -832,7 +878,7 @@ def _tool_result_parts(block: dict, call: tuple | None, new_media: bool, where: 
         elif kind == "tool_reference":  # {tool_name}: Claude Code's tool search loaded a tool
             texts.append(f"Tool {item.get('tool_name')} is now available to call.")
         elif kind in ("image", "document"):  # {source}
-            for part in _media_parts(item, f"{where}.content.{i}"):
+            for part in _media_parts(item, f"{where}.content.{i}", key):
                 if "text" in part:
                     texts.append(part["text"])
                 else:
@@ -940,11 +986,13 @@ class _HistoryTranslator:
                 if block.get("text"):
                     parts.append({"text": block["text"]})
             elif kind in ("image", "document"):  # {source}
-                parts.extend(_media_parts(block, here))
+                parts.extend(_media_parts(block, here, self.signatures.key))
             elif kind == "tool_result":  # {tool_use_id, content, is_error}
                 tool_id = block.get("tool_use_id")
                 call = pending.get(tool_id) if tool_id not in responses else None
-                response, extra = _tool_result_parts(block, call, self.new_media, here)
+                response, extra = _tool_result_parts(
+                    block, call, self.new_media, here, self.signatures.key
+                )
                 if response is None:
                     parts.extend(extra)
                 else:
@@ -2191,6 +2239,8 @@ class UpstreamClient:
         self.host = base.hostname
         self.port = base.port or (443 if self.https else 80)
         self.base_path = base.path.rstrip("/")
+        prefix, _, version = self.base_path.rpartition("/")  # /v1beta -> /upload/v1beta/files
+        self.upload_path = f"{prefix}/upload/{version}/files"
         self._ssl_context = None  # made on first use: loading the CA store costs ~25 ms
         self.egress = _egress_proxy(config, base.scheme, self.host)
         self.keys = KeyRing(config.api_keys or ("",), now=now)
@@ -2365,6 +2415,59 @@ class UpstreamClient:
         asked_at = self.now()
         conn, response = self._open("POST", path, payload, (model, reason))
         return UpstreamAnswer(self, conn, response, live, asked_at)
+
+    # -- files: resumable uploads and downloads ---------------------------------------
+
+    def _call_raw(self, key: str, path: str, payload: bytes, headers: dict) -> tuple:
+        """Return (response, body) of a 200 POST to a path outside the API base; no retries."""
+        headers = dict(headers, **self._auth_headers(key))
+        conn, response = self._send("POST", path, payload, headers)
+        body = self._read_all(conn, response)
+        if response.status != 200:
+            raise upstream_error(response.status, body)
+        return response, body
+
+    def upload(self, display_name: str, mime_type: str, read) -> dict:
+        """Return Gemini's File after a resumable upload of read(n)'s bytes, chunk by chunk."""
+        key = self.keys.pick()  # one key for the whole session
+        pieces = _upload_pieces(read, UPLOAD_CHUNK_BYTES)
+        first, last = next(pieces)
+        headers = {"content-type": "application/json", "X-Goog-Upload-Protocol": "resumable",
+                   "X-Goog-Upload-Command": "start",
+                   "X-Goog-Upload-Header-Content-Type": mime_type}
+        if last:  # the size is known only when the whole file came in the first chunk
+            headers["X-Goog-Upload-Header-Content-Length"] = str(len(first))
+        start = json.dumps({"file": {"displayName": display_name}}).encode()
+        response, _ = self._call_raw(key, self.upload_path, start, headers)
+        url = urllib.parse.urlsplit(response.getheader("x-goog-upload-url") or "")
+        if not url.path:
+            raise ProxyError(502, "api_error", "Gemini did not start the upload (no upload URL)")
+        session = url.path + ("?" + url.query if url.query else "")
+        offset, answer = 0, b""
+        for piece, last in itertools.chain([(first, last)], pieces):
+            _, answer = self._call_raw(key, session, piece, {
+                "content-type": "application/octet-stream", "X-Goog-Upload-Offset": str(offset),
+                "X-Goog-Upload-Command": "upload, finalize" if last else "upload"})
+            offset += len(piece)
+        try:
+            return json.loads(answer)["file"]
+        except (ValueError, KeyError, TypeError):
+            raise ProxyError(502, "api_error", "Gemini's upload answer had no file")
+
+    def lines(self, path: str):
+        """Yield the lines of a GET answer as they arrive (a JSONL result file)."""
+        conn, response = self._open("GET", path)
+        try:
+            for line in iter(response.readline, b""):
+                yield line
+        except (OSError, http.client.HTTPException) as exc:
+            raise transport_error(exc, "downloading a file") from None
+        finally:
+            if response.isclosed():
+                self.release(conn, response)
+            else:
+                conn.close()
+
 
 
 class UpstreamAnswer:
@@ -2584,23 +2687,33 @@ def _capabilities(gemini_model: dict, model_id: str) -> dict:
 
 def page_models(models: list, query: dict) -> dict:
     """Return one page of the Anthropic model list for lifecycle / limit / after_id / before_id."""
+    wanted = _lifecycle_filter(query)
+    return page_by_id([m for m in models if m["lifecycle"] in wanted], query)
+
+
+def page_limit(query: dict) -> int:
+    """Return an Anthropic list's limit (default 20); 400 outside 1-1000."""
     try:
         limit = int(query.get("limit", ["20"])[0])
     except ValueError:
         limit = 0
     if not 1 <= limit <= 1000:
         raise bad_request("limit: must be an integer from 1 to 1000")
-    wanted = _lifecycle_filter(query)
-    models = [m for m in models if m["lifecycle"] in wanted]
-    ids = [m["id"] for m in models]
+    return limit
+
+
+def page_by_id(items: list, query: dict) -> dict:
+    """Return one page of a list of objects with ids for limit / after_id / before_id."""
+    limit = page_limit(query)
+    ids = [item["id"] for item in items]
     after, before = query.get("after_id", [""])[0], query.get("before_id", [""])[0]
     if before:
         end = ids.index(before) if before in ids else 0
         start = max(0, end - limit)
-        page, has_more = models[start:end], start > 0
+        page, has_more = items[start:end], start > 0
     else:
         start = ids.index(after) + 1 if after in ids else 0
-        page, has_more = models[start:start + limit], start + limit < len(models)
+        page, has_more = items[start:start + limit], start + limit < len(items)
     return {"data": page, "has_more": has_more, "first_id": page[0]["id"] if page else None,
             "last_id": page[-1]["id"] if page else None}
 
@@ -2658,6 +2771,514 @@ def not_found_message(model: str, closest: list) -> str:
     if closest:
         message += f"; closest available: {', '.join(closest)}"
     return message + "; route the name elsewhere with MODEL_MAP or MODEL_FALLBACKS"
+
+
+# == Batches and files ========================================================
+# Message Batches on Gemini's Batch API, Files on its Files API; nothing kept here: ids
+# are HMAC-tagged Gemini names and custom_ids travel in each Gemini request's metadata key.
+
+BATCH_PREFIX, FILE_PREFIX = "msgbatch_", "file_"
+MAX_BATCH_REQUESTS = 100_000  # Anthropic's limits for one batch
+MAX_BATCH_BYTES = 256 * 1024 * 1024
+MAX_FILE_BYTES = 2 * 1024 ** 3  # Gemini's limit per file
+MULTIPART_OVERHEAD = 1024 * 1024  # boundaries and part headers around the file itself
+MULTIPART_HEADER_LIMIT = 16 * 1024
+UPLOAD_CHUNK_BYTES = 8 * 1024 * 1024  # Gemini wants chunks in multiples of 256 KiB
+GEMINI_FILE_SECONDS = 48 * 3600  # Gemini keeps files, and expires unfinished batches, at 48 h
+BATCH_LIST_PAGES = 20  # of 100 Gemini batches each, for GET /v1/messages/batches
+CUSTOM_ID_RE = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+BATCH_NAME_RE = re.compile(r"^batches/[A-Za-z0-9_-]+$")
+FILE_NAME_RE = re.compile(r"^files/[A-Za-z0-9_-]+$")
+DISPLAY_PREFIX = "claude_gemini_proxy:"  # display names of the batches and files we create
+BATCH_STATES = {  # Gemini batch state -> Anthropic processing_status
+    "BATCH_STATE_UNSPECIFIED": "in_progress",
+    "BATCH_STATE_PENDING": "in_progress",
+    "BATCH_STATE_RUNNING": "in_progress",
+    "BATCH_STATE_CANCELLING": "canceling",
+    "BATCH_STATE_SUCCEEDED": "ended",
+    "BATCH_STATE_FAILED": "ended",
+    "BATCH_STATE_CANCELLED": "ended",
+    "BATCH_STATE_EXPIRED": "ended",
+}
+# The result of a request Gemini never answered, by how its batch ended (else errored).
+UNANSWERED_RESULTS = {"BATCH_STATE_CANCELLED": "canceled", "BATCH_STATE_EXPIRED": "expired"}
+
+
+def _epoch_of(timestamp) -> int:
+    """Return the Unix time of an RFC 3339 UTC timestamp (Gemini's are Z-normalized), or 0."""
+    try:
+        return calendar.timegm(time.strptime(str(timestamp)[:19], "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return 0
+
+
+def _rfc3339_of(epoch: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def _read_exactly(read, size: int) -> bytes:
+    """Return size bytes from read(n), fewer only at the end."""
+    pieces, got = [], 0
+    while got < size:
+        piece = read(size - got)
+        if not piece:
+            break
+        pieces.append(piece)
+        got += len(piece)
+    return b"".join(pieces)
+
+
+def _upload_pieces(read, chunk_size: int):
+    """Yield (chunk, is_last) of chunk_size bytes from read(n), reading one chunk ahead."""
+    chunk = _read_exactly(read, chunk_size)
+    while True:
+        following = _read_exactly(read, chunk_size) if len(chunk) == chunk_size else b""
+        yield chunk, not following
+        if not following:
+            return
+        chunk = following
+
+
+def _iter_reader(pieces):
+    """Return read(n) over an iterable of byte strings."""
+    source, buffer = iter(pieces), bytearray()
+
+    def read(size: int) -> bytes:
+        while len(buffer) < size:
+            piece = next(source, None)
+            if piece is None:
+                break
+            buffer.extend(piece)
+        data = bytes(buffer[:size])
+        del buffer[:size]
+        return data
+
+    return read
+
+
+def multipart_boundary(content_type: str) -> bytes:
+    """Return the boundary of a multipart/form-data Content-Type; 400 for anything else."""
+    message = email.parser.HeaderParser().parsestr(f"Content-Type: {content_type}\n\n")
+    boundary = message.get_param("boundary")
+    if message.get_content_type() != "multipart/form-data" or not boundary:
+        raise bad_request("content-type: send the file as multipart/form-data with a boundary")
+    return str(boundary).encode("latin-1")
+
+
+class MultipartReader:
+    """Reads multipart/form-data parts from read(n) as streams, holding about 1 MiB."""
+
+    def __init__(self, read, boundary: bytes):
+        self.read_body = read
+        self.delimiter = b"\r\n--" + boundary
+        self.buffer = bytearray(b"\r\n")  # so the first boundary looks like the others
+        self.eof = False
+
+    def _fill(self, wanted: int) -> None:
+        while len(self.buffer) < wanted and not self.eof:
+            piece = self.read_body(65536)
+            self.eof = not piece
+            self.buffer += piece
+
+    def read(self, size: int) -> bytes:
+        """Return up to size bytes of the current part (or preamble); b"" at its end."""
+        size = min(size, 1024 * 1024)
+        self._fill(size + len(self.delimiter))
+        at = self.buffer.find(self.delimiter)
+        if at < 0:
+            if self.eof:
+                raise bad_request("file: the multipart body ended before its closing boundary")
+            at = len(self.buffer) - len(self.delimiter) + 1
+        data = bytes(self.buffer[:min(size, at)])
+        del self.buffer[:len(data)]
+        return data
+
+    def next_part(self):
+        """Return the next part's headers (email.message.Message), or None after the last."""
+        while self.read(1024 * 1024):
+            pass
+        del self.buffer[:len(self.delimiter)]
+        self._fill(MULTIPART_HEADER_LIMIT)
+        if self.buffer[:2] == b"--":
+            while self.read_body(65536):  # the epilogue
+                pass
+            return None
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            raise bad_request("file: a multipart part's headers do not end (or pass 16 KiB)")
+        headers = bytes(self.buffer[:end]).lstrip(b" \t").lstrip(b"\r\n")
+        del self.buffer[:end + 4]
+        return email.parser.BytesHeaderParser().parsebytes(headers)
+
+
+def _limited(read, limit: int):
+    """Return read(n) that answers 413 once more than limit bytes went through it."""
+    seen = [0]
+
+    def read_limited(size: int) -> bytes:
+        data = read(size)
+        seen[0] += len(data)
+        if seen[0] > limit:
+            raise ProxyError(413, "request_too_large", f"file: larger than Gemini's {limit} "
+                             "bytes per file", {"x-should-retry": "false"})
+        return data
+
+    return read_limited
+
+
+def file_object(key: bytes, gemini_file: dict) -> dict:
+    """Return the Anthropic FileMetadata for a Gemini File; its id carries name, type, expiry."""
+    name = str(gemini_file.get("name") or "")
+    mime_type = str(gemini_file.get("mimeType") or "application/octet-stream")
+    created = _epoch_of(gemini_file.get("createTime"))
+    expires = _epoch_of(gemini_file.get("expirationTime")) or created + GEMINI_FILE_SECONDS
+    fields = [name, mime_type, str(expires), str(gemini_file.get("uri") or "")]
+    return {"id": FILE_PREFIX + encode_names(key, KIND_FILE, fields), "type": "file",
+            "filename": str(gemini_file.get("displayName") or name.rpartition("/")[2]),
+            "mime_type": mime_type, "size_bytes": int(gemini_file.get("sizeBytes") or 0),
+            "created_at": _rfc3339_of(created), "expires_at": _rfc3339_of(expires),
+            "downloadable": False}
+
+
+def _display_name(key: bytes, label: str) -> str:
+    """Return a Gemini display name that shows this key made the batch: label + its HMAC."""
+    mac = hmac.new(key, label.encode(), hashlib.sha256).hexdigest()[:16]
+    return f"{DISPLAY_PREFIX}{label}.{mac}"
+
+
+def _display_label(key: bytes, display_name: str) -> tuple | None:
+    """Return (group, index, count) from a display name this key gave, else None."""
+    label = display_name[len(DISPLAY_PREFIX):].rpartition(".")[0]
+    group, _, place = label.partition(".")
+    index, _, count = place.partition(".")
+    if not (index.isdigit() and count.isdigit()) or not hmac.compare_digest(
+        display_name.encode(), _display_name(key, label).encode()
+    ):
+        return None
+    return group, int(index), int(count)
+
+
+def _request_key(custom_id: str, request: GeminiRequest) -> str:
+    """Return the metadata key of a Gemini batch request: custom_id and what the fold needs."""
+    renamed = {gemini: client for gemini, client in request.tool_names.items() if gemini != client}
+    builtins = {kind: tool.get("name") for kind, tool in request.server_tools.items()}
+    return json.dumps([custom_id, request.client_model, renamed, list(request.stop_sequences),
+                       request.thinking, builtins], separators=(",", ":"), ensure_ascii=False)
+
+
+def _keyed_request(key, model: str) -> tuple:
+    """Return (custom_id, GeminiRequest for the fold) from a metadata key."""
+    try:
+        custom_id, client_model, renamed, stops, thinking, builtins = json.loads(key)
+        server_tools = {kind: {"name": name} for kind, name in builtins.items()}
+    except (ValueError, TypeError, AttributeError):  # not one of ours: the key is all there is
+        return str(key), GeminiRequest(model, model, {}, False, {}, (), "", {})
+    return custom_id, GeminiRequest(client_model, model, {}, False, renamed, tuple(stops),
+                                    thinking, server_tools)
+
+
+def plan_batch(body, config: Config, signatures: SignatureStore) -> dict:
+    """Return {Gemini model: [(metadata key, Gemini body), ...]}; 400 naming a bad request."""
+    requests = body.get("requests") if isinstance(body, dict) else None
+    if not isinstance(requests, list) or not requests:
+        raise bad_request("requests: must be a non-empty array")
+    if len(requests) > MAX_BATCH_REQUESTS:
+        raise bad_request(f"requests: at most {MAX_BATCH_REQUESTS} per batch, "
+                          f"this one has {len(requests)}")
+    by_model, seen = {}, set()
+    for i, item in enumerate(requests):
+        custom_id = item.get("custom_id") if isinstance(item, dict) else None
+        if not isinstance(custom_id, str) or not CUSTOM_ID_RE.match(custom_id):
+            raise bad_request(f"requests.{i}.custom_id: must be 1-64 letters, digits, _ or -")
+        if custom_id in seen:
+            raise bad_request(f"requests.{i}.custom_id: {custom_id!r} is used twice")
+        seen.add(custom_id)
+        where = f"requests.{i} (custom_id {custom_id!r}): params"
+        params = item.get("params")
+        if not isinstance(params, dict):
+            raise bad_request(f"{where}: must be an object")
+        if params.get("stream"):
+            raise bad_request(f"{where}.stream: batch requests cannot stream")
+        try:
+            request = to_gemini_request(params, config, signatures)
+        except ProxyError as error:
+            raise bad_request(f"{where}.{error.message}")
+        by_model.setdefault(request.model, []).append((_request_key(custom_id, request),
+                                                       request.body))
+    return by_model
+
+
+def _batch_counts(metas: list, ended: bool) -> dict:
+    """Return Anthropic request_counts from the Gemini batches' batchStats."""
+    counts = dict.fromkeys(("processing", "succeeded", "errored", "canceled", "expired"), 0)
+    for meta in metas:
+        stats = meta.get("batchStats") or {}
+        total = int(stats.get("requestCount") or 0)
+        if not ended:  # Anthropic moves requests out of processing when the whole batch ends
+            counts["processing"] += total
+            continue
+        succeeded = int(stats.get("successfulRequestCount") or 0)
+        failed = int(stats.get("failedRequestCount") or 0)
+        unanswered = max(0, total - succeeded - failed)
+        counts["succeeded"] += succeeded
+        counts["errored"] += failed
+        counts[UNANSWERED_RESULTS.get(meta.get("state"), "errored")] += unanswered
+    return counts
+
+
+def message_batch(key: bytes, operations: list, base_url: str) -> dict:
+    """Return the Anthropic MessageBatch for the Gemini batch operations behind one id."""
+    batch_id = BATCH_PREFIX + encode_names(key, KIND_BATCH, [op["name"] for op in operations])
+    metas = [op.get("metadata") or {} for op in operations]
+    statuses = {BATCH_STATES.get(meta.get("state"), "in_progress") for meta in metas}
+    status = "ended" if statuses == {"ended"} else (
+        "canceling" if "canceling" in statuses else "in_progress")
+    created = min(_epoch_of(meta.get("createTime")) for meta in metas)
+    canceled = [_epoch_of(meta.get("updateTime")) for meta in metas
+                if meta.get("state") in ("BATCH_STATE_CANCELLING", "BATCH_STATE_CANCELLED")]
+    ended = max(_epoch_of(meta.get("endTime") or meta.get("updateTime")) for meta in metas)
+    return {
+        "id": batch_id, "type": "message_batch", "processing_status": status,
+        "request_counts": _batch_counts(metas, status == "ended"),
+        "created_at": _rfc3339_of(created),
+        "expires_at": _rfc3339_of(created + GEMINI_FILE_SECONDS),
+        "ended_at": _rfc3339_of(ended) if status == "ended" else None,
+        "cancel_initiated_at": _rfc3339_of(min(canceled)) if canceled else None,
+        "archived_at": None,
+        "results_url": f"{base_url}/v1/messages/batches/{batch_id}/results"
+        if status == "ended" else None,
+    }
+
+
+def _result_line(custom_id: str, result: dict) -> bytes:
+    line = {"custom_id": custom_id, "result": result}
+    return json.dumps(line, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+def _errored(status: int, error) -> dict:
+    """Return an errored result for a Gemini Status object."""
+    error = error if isinstance(error, dict) else {"message": str(error)}
+    code = error.get("code") if isinstance(error.get("code"), int) else status
+    payload = json.dumps({"error": error}).encode()
+    failure = upstream_error(code if code >= 400 else status, payload)
+    return {"type": "errored", "error": failure.body()}
+
+
+class BatchService:
+    """Message Batches and Files on Gemini's Batch and Files APIs; keeps no state itself."""
+
+    def __init__(self, upstream: UpstreamClient, config: Config, signatures: SignatureStore):
+        self.upstream = upstream
+        self.config = config
+        self.signatures = signatures
+        self.key = signatures.key
+
+    # -- message batches ------------------------------------------------------
+
+    def create(self, body, base_url: str) -> dict:
+        """Submit one Gemini batch per model; return the MessageBatch naming them all."""
+        by_model = plan_batch(body, self.config, self.signatures)
+        group, operations = secrets.token_hex(6), []
+        try:
+            for index, (model, requests) in enumerate(by_model.items()):
+                display = _display_name(self.key, f"{group}.{index}.{len(by_model)}")
+                operations.append(self._submit(model, requests, display))
+        except ProxyError:
+            for operation in operations:  # no half batches: the client sees one error
+                self._discard(operation["name"])
+            raise
+        return message_batch(self.key, operations, base_url)
+
+    def _submit(self, model: str, requests: list, display: str) -> dict:
+        inline = [{"request": body, "metadata": {"key": key}} for key, body in requests]
+        batch = {"displayName": display, "inputConfig": {"requests": {"requests": inline}}}
+        payload = json.dumps({"batch": batch}, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(payload) > self.config.batch_inline_bytes:
+            lines = (json.dumps({"key": key, "request": body}, separators=(",", ":"),
+                                ensure_ascii=False).encode() + b"\n" for key, body in requests)
+            jsonl = self.upstream.upload(display, "application/jsonl", _iter_reader(lines))
+            batch["inputConfig"] = {"fileName": jsonl["name"]}
+            payload = json.dumps({"batch": batch}).encode()
+        return self.upstream.call_json("POST", model_path(model, "batchGenerateContent"), payload)
+
+    def _discard(self, name: str) -> None:
+        for method, path in (("POST", f"/{name}:cancel"), ("DELETE", f"/{name}")):
+            try:
+                self.upstream.call_json(method, path, b"{}" if method == "POST" else None)
+            except ProxyError as error:
+                log.warning("could not remove Gemini batch %s: %s", name, error.message)
+
+    def _operations(self, batch_id: str) -> list:
+        token = batch_id[len(BATCH_PREFIX):] if batch_id.startswith(BATCH_PREFIX) else ""
+        names = decode_names(self.key, KIND_BATCH, token) if token else None
+        if not names or not all(BATCH_NAME_RE.match(name) for name in names):
+            raise ProxyError(404, "not_found_error", f"message batch {batch_id!r} was not found",
+                             {"x-should-retry": "false"})
+        return [self.upstream.call_json("GET", "/" + name) for name in names]
+
+    def get(self, batch_id: str, base_url: str) -> dict:
+        return message_batch(self.key, self._operations(batch_id), base_url)
+
+    def list(self, query: dict, base_url: str) -> dict:
+        """Return a page of this key's batches (display names it signed), newest first."""
+        groups, token = {}, ""
+        for _page in range(BATCH_LIST_PAGES):
+            page = self.upstream.call_json("GET", "/batches?pageSize=100" + (
+                f"&pageToken={urllib.parse.quote(token)}" if token else ""))
+            for operation in page.get("operations") or ():
+                meta = operation.get("metadata") if isinstance(operation, dict) else None
+                label = _display_label(self.key, str((meta or {}).get("displayName", "")))
+                if label and BATCH_NAME_RE.match(str(operation.get("name"))):
+                    groups.setdefault(label[0], {})[label[1]] = (label[2], operation)
+            token = page.get("nextPageToken")
+            if not token:
+                break
+        batches = []
+        for members in groups.values():
+            count = next(iter(members.values()))[0]
+            if sorted(members) == list(range(count)):  # every model's part is still there
+                operations = [members[i][1] for i in range(count)]
+                batches.append(message_batch(self.key, operations, base_url))
+        batches.sort(key=lambda batch: batch["created_at"], reverse=True)
+        return page_by_id(batches, query)
+
+    def cancel(self, batch_id: str, base_url: str) -> dict:
+        operations = []
+        for operation in self._operations(batch_id):
+            meta = operation.get("metadata") or {}
+            if BATCH_STATES.get(meta.get("state"), "in_progress") != "ended":
+                self.upstream.call_json("POST", f"/{operation['name']}:cancel", b"{}")
+                operation = self.upstream.call_json("GET", f"/{operation['name']}")
+            operations.append(operation)
+        batch = message_batch(self.key, operations, base_url)
+        if batch["processing_status"] == "in_progress":  # Gemini cancels asynchronously
+            batch["processing_status"] = "canceling"
+            batch["cancel_initiated_at"] = _rfc3339_of(int(time.time()))
+        return batch
+
+    def delete(self, batch_id: str) -> dict:
+        operations = self._operations(batch_id)
+        if message_batch(self.key, operations, "")["processing_status"] != "ended":
+            raise bad_request(f"message batch {batch_id} is still processing: cancel it and "
+                              "delete it once processing_status is ended")
+        for operation in operations:
+            self.upstream.call_json("DELETE", "/" + operation["name"])
+        return {"id": batch_id, "type": "message_batch_deleted"}
+
+    def results(self, batch_id: str):
+        """Return an iterator of an ended batch's JSONL result lines; 400 before it ended."""
+        operations = self._operations(batch_id)
+        if message_batch(self.key, operations, "")["processing_status"] != "ended":
+            raise bad_request(f"message batch {batch_id} has not ended: results are ready "
+                              "once processing_status is ended")
+        return itertools.chain.from_iterable(self._result_lines(op) for op in operations)
+
+    def _result_lines(self, operation: dict):
+        meta = operation.get("metadata") or {}
+        model = str(meta.get("model") or "").rpartition("/")[2]
+        answered = set()
+        for key, answer in self._answers(meta.get("output") or operation.get("response") or {}):
+            answered.add(key)
+            custom_id, request = _keyed_request(key, model)
+            yield _result_line(custom_id, self._result(request, answer))
+        inline = ((meta.get("inputConfig") or {}).get("requests") or {}).get("requests") or ()
+        for item in inline:  # requests Gemini never answered: canceled, expired or errored
+            key = (item.get("metadata") or {}).get("key") if isinstance(item, dict) else None
+            if key is not None and key not in answered:
+                result = UNANSWERED_RESULTS.get(meta.get("state"))
+                yield _result_line(_keyed_request(key, model)[0], {"type": result} if result
+                                   else _errored(500, operation.get("error") or
+                                                 "Gemini returned no answer for this request"))
+
+    def _answers(self, output: dict):
+        """Yield (metadata key, {response} or {error}) from inline responses or a result file."""
+        inlined = (output.get("inlinedResponses") or {}).get("inlinedResponses") or ()
+        for answer in inlined:
+            yield (answer.get("metadata") or {}).get("key"), answer
+        responses_file = str(output.get("responsesFile") or "")
+        if FILE_NAME_RE.match(responses_file):
+            for line in self.upstream.lines(f"/{responses_file}:download?alt=media"):
+                try:
+                    answer = json.loads(line)
+                except ValueError:
+                    continue  # a blank or broken line names no request
+                if isinstance(answer, dict):
+                    yield answer.get("key"), answer
+
+    def _result(self, request: GeminiRequest, answer: dict) -> dict:
+        if not isinstance(answer.get("response"), dict):
+            return _errored(500, answer.get("error") or "Gemini returned no answer")
+        fold = ResponseFold(request, self.signatures)
+        try:
+            fold.feed(answer["response"])
+            fold.finish()
+        except ProxyError as error:
+            return {"type": "errored", "error": error.body()}
+        return {"type": "succeeded", "message": fold.message()}
+
+    # -- files ------------------------------------------------------------------
+
+    def upload_file(self, parts: MultipartReader) -> dict:
+        """Stream the multipart field `file` to Gemini; return its FileMetadata."""
+        headers = parts.next_part()
+        while headers is not None and headers.get_param(
+                "name", header="content-disposition") != "file":
+            headers = parts.next_part()
+        if headers is None:
+            raise bad_request("file: field required (a multipart/form-data part named file)")
+        filename = (headers.get_filename() or "").replace("\\", "/").rpartition("/")[2]
+        mime_type = headers.get_content_type() if headers.get("content-type") else (
+            mimetypes.guess_type(filename)[0] or "application/octet-stream")
+        gemini_file = self.upstream.upload(filename or "unnamed", mime_type,
+                                           _limited(parts.read, MAX_FILE_BYTES))
+        while parts.next_part() is not None:
+            pass
+        return file_object(self.key, gemini_file)
+
+    def _file_name(self, file_id: str) -> str:
+        token = file_id[len(FILE_PREFIX):] if file_id.startswith(FILE_PREFIX) else ""
+        fields = decode_names(self.key, KIND_FILE, token) if token else None
+        if not fields or len(fields) != 4 or not FILE_NAME_RE.match(fields[0]):
+            raise ProxyError(404, "not_found_error", f"file {file_id!r} was not found",
+                             {"x-should-retry": "false"})
+        return fields[0]
+
+    def _file_call(self, method: str, file_id: str) -> dict:
+        try:
+            return self.upstream.call_json(method, "/" + self._file_name(file_id))
+        except UpstreamError as error:  # Gemini says 403 for files that are gone
+            if error.upstream_status not in (403, 404):
+                raise
+            raise ProxyError(404, "not_found_error", f"file {file_id!r} was not found (deleted, "
+                             "or past Gemini's 48 hours)", {"x-should-retry": "false"})
+
+    def get_file(self, file_id: str) -> dict:
+        return file_object(self.key, self._file_call("GET", file_id))
+
+    def delete_file(self, file_id: str) -> dict:
+        self._file_call("DELETE", file_id)
+        return {"id": file_id, "type": "file_deleted"}
+
+    def file_content(self, file_id: str) -> None:
+        self.get_file(file_id)  # a missing file is a 404 first
+        raise ProxyError(403, "permission_error", f"file {file_id} is not downloadable: Gemini "
+                         "does not hand uploaded files back", {"x-should-retry": "false"})
+
+    def list_files(self, query: dict) -> dict:
+        """Return one page of Gemini's files (not the batch files the proxy made itself)."""
+        path = f"/files?pageSize={min(page_limit(query), 100)}"  # Gemini's largest page
+        page_token = query.get("page", [""])[0]
+        if page_token.startswith("page_"):
+            path += "&pageToken=" + urllib.parse.quote(page_token[5:])
+        page = self.upstream.call_json("GET", path)
+        data = [file_object(self.key, f) for f in page.get("files") or () if isinstance(f, dict)
+                and not str(f.get("displayName") or "").startswith(DISPLAY_PREFIX)
+                and f.get("source") != "GENERATED"]
+        token = page.get("nextPageToken") or ""
+        return {"data": data, "has_more": bool(token),
+                "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None,
+                "next_page": f"page_{token}" if token else None}
 
 
 # == HTTP handler =============================================================
@@ -2846,13 +3467,36 @@ def _log_word(value: str) -> str:
     return LOG_WORD_RE.sub("?", value[:80])
 
 
-ROUTES = {
-    "/v1/messages": ("POST", "messages"),
-    "/v1/messages/count_tokens": ("POST", "count_tokens"),
-    "/v1/models": ("GET", "list_models"),
-    "/health": ("GET", "health"),
-    "/metrics": ("GET", "metrics"),
+ROUTES = {  # path, where {id} stands for any one segment -> {method: serve_<action>}
+    "/v1/messages": {"POST": "messages"},
+    "/v1/messages/count_tokens": {"POST": "count_tokens"},
+    "/v1/messages/batches": {"POST": "create_batch", "GET": "list_batches"},
+    "/v1/messages/batches/{id}": {"GET": "get_batch", "DELETE": "delete_batch"},
+    "/v1/messages/batches/{id}/cancel": {"POST": "cancel_batch"},
+    "/v1/messages/batches/{id}/results": {"GET": "batch_results"},
+    "/v1/files": {"POST": "upload_file", "GET": "list_files"},
+    "/v1/files/{id}": {"GET": "get_file", "DELETE": "delete_file"},
+    "/v1/files/{id}/content": {"GET": "file_content"},
+    "/v1/models": {"GET": "list_models"},
+    "/v1/models/{id}": {"GET": "get_model"},
+    "/health": {"GET": "health"},
+    "/metrics": {"GET": "metrics"},
 }
+
+
+def match_route(path: str) -> tuple:
+    """Return (route, {method: action}, the {id} segment) for a path; ("", None, "") if none."""
+    methods = ROUTES.get(path)
+    if methods is not None:
+        return path, methods, ""
+    segments = path.split("/")
+    for i in range(2, len(segments)):  # one dict lookup per segment: no pattern matching
+        if segments[i]:
+            route = "/".join(segments[:i] + ["{id}"] + segments[i + 1:])
+            methods = ROUTES.get(route)
+            if methods is not None:
+                return route, methods, urllib.parse.unquote(segments[i])
+    return "", None, ""
 
 
 class ProxyHandler(BaseHTTPRequestHandler):
@@ -2936,14 +3580,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if method == "HEAD":
             self.send_bytes(200, b"", "text/plain")
             return
-        wanted, action = ROUTES.get(path, (None, None))
-        if path.startswith("/v1/models/") and len(path) > len("/v1/models/"):
-            wanted, action = "GET", "get_model"
-        if action is None:
+        self.route_name, methods, self.path_id = match_route(path)
+        if methods is None:
             raise ProxyError(404, "not_found_error", f"no route for {path}")
-        if method != wanted:
+        action = methods.get(method)
+        if action is None:
             raise ProxyError(405, "invalid_request_error", f"{method} is not allowed on {path}",
-                             {"Allow": wanted})
+                             {"Allow": ", ".join(methods)})
         if action != "health":
             self.authorize()
         getattr(self, "serve_" + action)(path, urllib.parse.parse_qs(parts.query))
@@ -3059,11 +3702,69 @@ class ProxyHandler(BaseHTTPRequestHandler):
             server.watch.remove(self.stream)
         self.status, self.usage, self.prompt_tokens = 200, fold.usage(), fold.prompt_tokens()
 
+    # -- batches and files --------------------------------------------------------
+
+    def serve_create_batch(self, path: str, query: dict) -> None:
+        body = self.read_json(MAX_BATCH_BYTES)
+        self.send_json(200, self.server.batches.create(body, self.base_url()))
+
+    def serve_list_batches(self, path: str, query: dict) -> None:
+        self.send_json(200, self.server.batches.list(query, self.base_url()))
+
+    def serve_get_batch(self, path: str, query: dict) -> None:
+        self.send_json(200, self.server.batches.get(self.path_id, self.base_url()))
+
+    def serve_cancel_batch(self, path: str, query: dict) -> None:
+        self.send_json(200, self.server.batches.cancel(self.path_id, self.base_url()))
+
+    def serve_delete_batch(self, path: str, query: dict) -> None:
+        self.send_json(200, self.server.batches.delete(self.path_id))
+
+    def serve_batch_results(self, path: str, query: dict) -> None:
+        self.send_lines(self.server.batches.results(self.path_id))
+
+    def serve_upload_file(self, path: str, query: dict) -> None:
+        boundary = multipart_boundary(self.headers.get("content-type") or "")
+        read = self.body_stream(MAX_FILE_BYTES + MULTIPART_OVERHEAD)
+        try:
+            metadata = self.server.batches.upload_file(MultipartReader(read, boundary))
+        except ProxyError:
+            self.close_connection = True  # the rest of the body was not read
+            raise
+        self.send_json(200, metadata)
+
+    def serve_list_files(self, path: str, query: dict) -> None:
+        self.send_json(200, self.server.batches.list_files(query))
+
+    def serve_get_file(self, path: str, query: dict) -> None:
+        self.send_json(200, self.server.batches.get_file(self.path_id))
+
+    def serve_delete_file(self, path: str, query: dict) -> None:
+        self.send_json(200, self.server.batches.delete_file(self.path_id))
+
+    def serve_file_content(self, path: str, query: dict) -> None:
+        self.server.batches.file_content(self.path_id)
+
+    def base_url(self) -> str:
+        """Return the URL clients reach this proxy at (behind a proxy: X-Forwarded-*)."""
+        proto = self.headers.get("x-forwarded-proto") or "http"
+        host = self.headers.get("x-forwarded-host") or self.headers.get("host") or (
+            "%s:%d" % self.server.server_address[:2])
+        return f"{proto}://{host}"
+
     # -- reading and writing ---------------------------------------------------
 
-    def read_json(self):
+    def read_json(self, limit: int = 0):
         """Return the parsed JSON body; raise ProxyError for a missing, huge or broken one."""
-        limit = self.server.config.max_request_bytes
+        read = self.body_stream(limit or self.server.config.max_request_bytes)
+        data = read(self.body_size)
+        try:
+            return json.loads(data)
+        except ValueError as exc:
+            raise bad_request(f"request body is not valid JSON: {exc}")
+
+    def body_stream(self, limit: int):
+        """Return read(n) over the request body, once its declared size passed the limit."""
         length = self.headers.get("content-length")
         if "chunked" in (self.headers.get("transfer-encoding") or "").lower():
             self.close_connection = True
@@ -3083,13 +3784,18 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 f"request body is {size} bytes; the limit is {limit}",
                 {"x-should-retry": "false"},
             )
-        data = self.rfile.read(size) if size else b""
-        if len(data) < size:
-            raise ClientGone()
-        try:
-            return json.loads(data)
-        except ValueError as exc:
-            raise bad_request(f"request body is not valid JSON: {exc}")
+        self.body_size = size
+        remaining = [size]
+
+        def read(wanted: int) -> bytes:
+            wanted = min(wanted, remaining[0])
+            data = self.rfile.read(wanted) if wanted > 0 else b""
+            if len(data) < wanted:
+                raise ClientGone()
+            remaining[0] -= wanted
+            return data
+
+        return read
 
     def discard_body(self, size: int) -> None:
         """Read an oversized body in small pieces (never held), so the client sees our 413."""
@@ -3130,6 +3836,27 @@ class ProxyHandler(BaseHTTPRequestHandler):
         except OSError:
             self.close_connection = True
 
+    def send_lines(self, lines) -> None:
+        """Write JSONL lines as a chunked 200; a failure after the first line cuts the body."""
+        lines = iter(lines)
+        pending = [next(lines, b"")]  # an error before any output is still an HTTP error
+        self.status = 200
+        try:
+            self.wfile.write(self.response_head(200, "application/x-jsonl", None,
+                                                {"Transfer-Encoding": "chunked"}))
+            for line in itertools.chain(lines, [b""]):
+                pending.append(line)
+                if len(pending) >= 256 or not line:  # a few lines per write, the rest at the end
+                    body, pending = b"".join(pending), []
+                    if body:
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(body), body))
+            self.wfile.write(b"0\r\n\r\n")
+        except ProxyError as error:
+            log.warning("batch results cut short: %s", error.message)
+            self.close_connection = True
+        except OSError:
+            self.close_connection = True
+
     def send_json(self, status: int, body: dict, headers: dict | None = None) -> None:
         self.send_bytes(
             status,
@@ -3149,8 +3876,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def log_access(self, method: str) -> None:
         path = self.path.split("?")[0]
-        route = path if path in ROUTES else (
-            "/v1/models/{id}" if path.startswith("/v1/models/") else "other")
+        route = getattr(self, "route_name", "") or "other"
         self.server.metrics.count_request(route, self.status, self.gemini_model, self.usage)
         usage = self.usage or {}
         tokens = " ".join(f"{kind}={count}" for kind, count in _token_kinds(usage)) if usage \
@@ -3187,6 +3913,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.signatures = SignatureStore(config.signature_key)
         self.watch = StreamWatch(config.ping_interval)
         self.models = ModelCatalog(self.upstream, config)
+        self.batches = BatchService(self.upstream, config, self.signatures)
         self.lock = threading.Lock()
         self.active_requests = 0
         self.draining = False

@@ -5,6 +5,7 @@ Run: python3 -m pip install pytest && python3 -m pytest -q
 from __future__ import annotations
 
 import base64
+import hashlib
 import http.client
 import json
 import os
@@ -72,6 +73,11 @@ def call(name, args, call_id=None, signature=None):
 
 def gemini_error(code, message, status="INVALID_ARGUMENT", details=None):
     return {"code": code, "message": message, "status": status, "details": details or []}
+
+
+def MISSING_FILE(name):
+    return gemini_error(403, f"You do not have permission to access the File {name[6:]} or it may not exist.",
+                        "PERMISSION_DENIED")
 
 
 def new_signature():
@@ -147,6 +153,13 @@ class FakeGemini:
         self.retired = set()  # models answering 404, as retired ids do
         self.served_as = {}  # model asked for -> modelVersion Gemini reports
         self.bad_keys = set()  # keys Gemini calls invalid
+        self.batches = {}  # name -> batch record (Batch API)
+        self.files = {}  # name -> Gemini File (Files API)
+        self.file_bytes = {}  # name -> content
+        self.uploads = {}  # upload id -> {"file", "data", "size"}
+        self.inline_limit = 20 * 1000 * 1000  # Gemini's inline batch request limit
+        self.cancel_async = False  # real Gemini cancels in the background
+        self.refused_batch_models = set()  # models whose batchGenerateContent answers 429
         self.lock = threading.Lock()
         fake = self
 
@@ -162,19 +175,38 @@ class FakeGemini:
             def do_GET(self):
                 fake.record(self, None)
                 problem = fake.auth_problem(self.headers)
-                self.reply(*(problem[0], {"error": problem[1]}) if problem else fake.answer_get(self.path))
+                if problem:
+                    self.reply(problem[0], {"error": problem[1]})
+                elif ":download" in self.path:
+                    self.reply(*fake.download(self.path))
+                else:
+                    self.reply(*fake.answer_get(self.path))
 
             def do_POST(self):
                 raw = self.rfile.read(int(self.headers.get("content-length") or 0))
+                if self.path.startswith("/upload/"):
+                    fake.record(self, raw)
+                    self.reply(*fake.upload(self.path, self.headers, raw))
+                    return
                 body = json.loads(raw)
                 fake.record(self, body)
+                if self.path.startswith("/v1beta/batches/") or ":batchGenerateContent" in self.path:
+                    self.reply(*fake.batch_post(self.path, self.headers, body, len(raw)))
+                    return
                 fake.respond(self, body)
 
-            def reply(self, status, payload):
-                data = json.dumps(payload).encode()
+            def do_DELETE(self):
+                fake.record(self, None)
+                problem = fake.auth_problem(self.headers)
+                self.reply(*(problem[0], {"error": problem[1]}) if problem else fake.delete(self.path))
+
+            def reply(self, status, payload, headers=None):
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(data)))
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(data)
 
@@ -199,7 +231,193 @@ class FakeGemini:
             if "pageToken=p2" in path:
                 return 200, {"models": self.models[2:]}
             return 200, {"models": self.models[:2], "nextPageToken": "p2"}
+        route, _, query = path.partition("?")
+        if route == "/v1beta/batches":
+            return 200, self.page(query, [self.operation(b) for b in self.batches.values()],
+                                  "operations")
+        if route == "/v1beta/files":
+            return 200, self.page(query, list(self.files.values()), "files")
+        name = route[len("/v1beta/"):]
+        if name in self.batches:
+            return 200, self.operation(self.batches[name])
+        if name in self.files:
+            return 200, self.files[name]
+        if name.startswith("files/"):
+            return 403, {"error": MISSING_FILE(name)}
         return 404, {"error": gemini_error(404, "not found", "NOT_FOUND")}
+
+    @staticmethod
+    def page(query, items, field):
+        params = dict(p.split("=", 1) for p in query.split("&") if "=" in p)
+        size, start = min(int(params.get("pageSize", "10")), 100), int(params.get("pageToken", "0"))
+        answer = {field: items[start:start + size]}
+        if start + size < len(items):
+            answer["nextPageToken"] = str(start + size)
+        return answer
+
+    # -- Batch API: batchGenerateContent, batches.get/list/cancel/delete ----------
+
+    def batch_post(self, path, headers, body, size):
+        problem = self.auth_problem(headers)
+        if problem:
+            return problem[0], {"error": problem[1]}
+        if path.endswith(":cancel"):
+            record = self.batches.get(path[len("/v1beta/"):-len(":cancel")])
+            if record is None:
+                return 404, {"error": gemini_error(404, "batch not found", "NOT_FOUND")}
+            if record["state"] in ("BATCH_STATE_PENDING", "BATCH_STATE_RUNNING") and not self.cancel_async:
+                self.end_batch(record["name"], "BATCH_STATE_CANCELLED", answered=0)
+            return 200, {}
+        if size > self.inline_limit:
+            return 400, {"error": gemini_error(400, "Request payload size exceeds the limit: 20971520 bytes.")}
+        model = path.split("/models/")[1].split(":")[0]
+        if model in self.refused_batch_models:
+            return 429, {"error": gemini_error(429, "Batch quota exceeded", "RESOURCE_EXHAUSTED")}
+        batch = body.get("batch") or {}
+        if not batch.get("displayName"):
+            return 400, {"error": gemini_error(400, "batch.display_name: required")}
+        source = batch.get("inputConfig") or {}
+        if len(source) != 1 or not ({"requests", "fileName"} >= set(source)):
+            return 400, {"error": gemini_error(400, "batch.input_config: set exactly one source")}
+        if "fileName" in source:
+            if source["fileName"] not in self.files:
+                return 400, {"error": gemini_error(400, "batch.input_config.file_name: not found")}
+            items = [json.loads(line) for line in self.file_bytes[source["fileName"]].splitlines()]
+            items = [{"request": item["request"], "metadata": {"key": item["key"]}} for item in items]
+        else:
+            items = (source.get("requests") or {}).get("requests") or []
+        if not items:
+            return 400, {"error": gemini_error(400, "batch.input_config.requests: empty")}
+        for i, item in enumerate(items):
+            problem = self.validate(f"/v1beta/models/{model}:generateContent", headers, item.get("request") or {})
+            if problem:
+                return 400, {"error": gemini_error(400, f"requests[{i}]: {problem[1]['message']}")}
+        now = time.strftime("%Y-%m-%dT%H:%M:%S.123456789Z", time.gmtime(time.time() + len(self.batches)))
+        name = "batches/" + secrets.token_hex(8)
+        self.batches[name] = {"name": name, "model": f"models/{model}", "displayName": batch["displayName"],
+                              "state": "BATCH_STATE_PENDING", "createTime": now, "updateTime": now,
+                              "inputConfig": source, "items": items, "answers": [], "output": None}
+        return 200, self.operation(self.batches[name])
+
+    def operation(self, record):
+        """Return the long-running Operation Gemini answers for a batch."""
+        answers = record["answers"]
+        stats = {"requestCount": str(len(record["items"])),
+                 "successfulRequestCount": str(sum("response" in a for a in answers)),
+                 "failedRequestCount": str(sum("error" in a for a in answers))}
+        stats["pendingRequestCount"] = str(len(record["items"]) - len(answers))
+        meta = {"@type": "type.googleapis.com/google.ai.generativelanguage.v1beta.GenerateContentBatch",
+                "model": record["model"], "displayName": record["displayName"],
+                "inputConfig": record["inputConfig"], "createTime": record["createTime"],
+                "updateTime": record["updateTime"], "batchStats": stats, "state": record["state"]}
+        done = record["state"] not in ("BATCH_STATE_PENDING", "BATCH_STATE_RUNNING")
+        operation = {"name": record["name"], "metadata": meta, "done": done}
+        if done:
+            meta["endTime"] = record["updateTime"]
+        if record["output"]:
+            meta["output"] = record["output"]
+            operation["response"] = dict(record["output"], **{
+                "@type": "type.googleapis.com/google.ai.generativelanguage.v1beta.GenerateContentBatchOutput"})
+        if record["state"] == "BATCH_STATE_FAILED":
+            operation["error"] = {"code": 13, "message": "The batch failed: internal error."}
+        return operation
+
+    def end_batch(self, name, state="BATCH_STATE_SUCCEEDED", answered=None, errors=(), reverse=False):
+        """End a batch as Gemini would: answer the first `answered` requests from the script."""
+        record = self.batches[name]
+        count = len(record["items"]) if answered is None else answered
+        answers = []
+        for i, item in enumerate(record["items"][:count]):
+            key = item["metadata"]["key"]
+            if i in errors:
+                answers.append({"key": key, "error": gemini_error(400, f"request {i} was invalid")})
+                continue
+            with self.lock:
+                reply = self.script.pop(0) if self.script else Reply(chunk(text(f"Answer {i}."), finish="STOP"))
+            answers.append({"key": key, "response": merge_chunks([self.sign(c, record["model"][7:]) for c in reply.chunks])})
+        record["answers"] = answers
+        ordered = list(reversed(answers)) if reverse else answers
+        if "fileName" in record["inputConfig"]:
+            name_out = self.add_file(b"".join(json.dumps(a).encode() + b"\n" for a in ordered),
+                                     "application/jsonl", "batch-output", source="GENERATED")
+            record["output"] = {"responsesFile": name_out} if answers else None
+        elif answers:
+            record["output"] = {"inlinedResponses": {"inlinedResponses": [
+                {"metadata": {"key": a["key"]}, **{k: v for k, v in a.items() if k != "key"}} for a in ordered]}}
+        record["state"] = state
+        record["updateTime"] = time.strftime("%Y-%m-%dT%H:%M:%S.5Z", time.gmtime(time.time() + 60))
+
+    def delete(self, path):
+        name = path[len("/v1beta/"):]
+        if self.batches.pop(name, None) is not None:
+            return 200, {}
+        if self.files.pop(name, None) is not None:
+            return 200, {}
+        if name.startswith("files/"):
+            return 403, {"error": MISSING_FILE(name)}
+        return 404, {"error": gemini_error(404, "not found", "NOT_FOUND")}
+
+    # -- Files API: resumable upload, files.get/list/delete, download ---------------
+
+    def add_file(self, data, mime_type, display_name, source="UPLOADED"):
+        name = "files/" + secrets.token_hex(6)
+        now = time.time()
+        self.files[name] = {
+            "name": name, "displayName": display_name, "mimeType": mime_type, "sizeBytes": str(len(data)),
+            "createTime": time.strftime("%Y-%m-%dT%H:%M:%S.1Z", time.gmtime(now)),
+            "updateTime": time.strftime("%Y-%m-%dT%H:%M:%S.1Z", time.gmtime(now)),
+            "expirationTime": time.strftime("%Y-%m-%dT%H:%M:%S.1Z", time.gmtime(now + 48 * 3600)),
+            "sha256Hash": base64.b64encode(hashlib.sha256(data).digest()).decode(),
+            "uri": f"{self.base}/{name}", "state": "ACTIVE", "source": source}
+        self.file_bytes[name] = data
+        return name
+
+    def upload(self, path, headers, raw):
+        problem = self.auth_problem(headers)
+        if problem:
+            return problem[0], {"error": problem[1]}
+        lower = {k.lower(): v for k, v in headers.items()}
+        command = lower.get("x-goog-upload-command", "")
+        if path == "/upload/v1beta/files":
+            if lower.get("x-goog-upload-protocol") != "resumable" or command != "start":
+                return 400, {"error": gemini_error(400, "Upload protocol must be resumable, command start")}
+            if not lower.get("x-goog-upload-header-content-type"):
+                return 400, {"error": gemini_error(400, "Missing X-Goog-Upload-Header-Content-Type")}
+            upload_id = secrets.token_hex(8)
+            display = (json.loads(raw or b"{}").get("file") or {}).get("displayName", "")
+            declared = lower.get("x-goog-upload-header-content-length")
+            self.uploads[upload_id] = {"display": display, "data": b"", "chunks": [],
+                                       "mime": lower["x-goog-upload-header-content-type"],
+                                       "declared": int(declared) if declared else None}
+            url = (f"http://127.0.0.1:{self.server.server_address[1]}/upload/v1beta/files"
+                   f"?upload_id={upload_id}&upload_protocol=resumable")
+            return 200, b"", {"X-Goog-Upload-URL": url, "X-Goog-Upload-Status": "active"}
+        upload = self.uploads.get(path.partition("upload_id=")[2].partition("&")[0])
+        if upload is None:
+            return 404, {"error": gemini_error(404, "no such upload", "NOT_FOUND")}
+        if int(lower.get("x-goog-upload-offset", "-1")) != len(upload["data"]):
+            return 400, {"error": gemini_error(400, "X-Goog-Upload-Offset does not match")}
+        if command not in ("upload", "upload, finalize"):
+            return 400, {"error": gemini_error(400, f"bad upload command {command!r}")}
+        if command == "upload" and len(raw) % (256 * 1024):
+            return 400, {"error": gemini_error(400, "chunks must be multiples of 256 KiB")}
+        upload["data"] += raw
+        upload["chunks"].append(len(raw))
+        if command == "upload":
+            return 200, b"", {"X-Goog-Upload-Status": "active"}
+        if upload["declared"] is not None and upload["declared"] != len(upload["data"]):
+            return 400, {"error": gemini_error(400, "size differs from X-Goog-Upload-Header-Content-Length")}
+        name = self.add_file(upload["data"], upload["mime"], upload["display"])
+        upload["file"] = name
+        return 200, {"file": self.files[name]}, {"X-Goog-Upload-Status": "final"}
+
+    def download(self, path):
+        name = path[len("/v1beta/"):].split(":download")[0]
+        if name not in self.files:
+            return 403, {"error": MISSING_FILE(name)}
+        if self.files[name]["source"] != "GENERATED" or "alt=media" not in path:
+            return 400, {"error": gemini_error(400, "Only generated files can be downloaded.")}
+        return 200, self.file_bytes[name]
 
     def auth_problem(self, headers):
         lower = {k.lower(): v for k, v in headers.items()}
@@ -264,6 +482,11 @@ class FakeGemini:
                 data = part.get("inlineData") or {}
                 if data.get("mimeType") == "image/gif":
                     return 400, gemini_error(400, "Unsupported MIME type: image/gif")
+                uri = (part.get("fileData") or {}).get("fileUri", "")
+                if uri.startswith(self.base + "/files/"):
+                    known = self.files.get(uri[len(self.base) + 1:])
+                    if known is None or known["mimeType"] != part["fileData"].get("mimeType"):
+                        return 403, MISSING_FILE(uri[len(self.base) + 1:])
             if content["role"] == "user" and any("functionResponse" not in p for p in content["parts"]):
                 turn_start = i
             calls = [p for p in content["parts"] if "functionCall" in p]
@@ -3246,3 +3469,369 @@ def test_grounding_supports_become_citations_and_every_query_shows(gemini, proxy
     if streamed:
         deltas = [e for e in events if e["type"] == "content_block_delta" and e["delta"]["type"] == "citations_delta"]
         assert len(deltas) == 3 and all(e["index"] == 4 for e in deltas)
+
+
+# == Batches and files ========================================================
+
+def multipart(parts, boundary="cgp-boundary-7MA4YWxkTrZu0gW"):
+    """Return (body, content-type) for [(field name, filename or None, content type or None, bytes)]."""
+    body = b""
+    for name, filename, content_type, data in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        body += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n".encode()
+        if content_type:
+            body += f"Content-Type: {content_type}\r\n".encode()
+        body += b"\r\n" + data + b"\r\n"
+    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def upload(proxy, data, filename="notes.pdf", content_type="application/pdf", extra=()):
+    body, ctype = multipart(list(extra) + [("file", filename, content_type, data)])
+    return request(proxy, "POST", "/v1/files?beta=true", raw=body,
+                   headers={"content-type": ctype, "anthropic-beta": "files-api-2025-04-14"})
+
+
+def batch_request(custom_id, content="Hi", model="claude-sonnet-4-5-20250929", **extra):
+    return {"custom_id": custom_id, "params": dict(messages_body(content, model=model), **extra)}
+
+
+def create_batch(proxy, *requests):
+    answer = post(proxy, {"requests": list(requests)}, path="/v1/messages/batches?beta=true")
+    assert answer.status == 200, answer.raw
+    return answer.json
+
+
+def gemini_batch_names(proxy, batch_id):
+    return cgp.decode_names(proxy.server.signatures.key, cgp.KIND_BATCH, batch_id[len("msgbatch_"):])
+
+
+def results(proxy, batch_id):
+    answer = request(proxy, "GET", f"/v1/messages/batches/{batch_id}/results")
+    assert answer.status == 200, answer.raw
+    assert answer.headers["transfer-encoding"] == "chunked"
+    return [json.loads(line) for line in answer.raw.splitlines()]
+
+
+def test_names_tokens_round_trip_and_refuse_tampering_other_keys_and_kinds():
+    token = cgp.encode_names(b"key-one", cgp.KIND_BATCH, ["batches/a1", "batches/b2"])
+    assert cgp.re.match(r"^[A-Za-z0-9_-]+$", token)
+    assert token == cgp.encode_names(b"key-one", cgp.KIND_BATCH, ["batches/a1", "batches/b2"])
+    assert cgp.decode_names(b"key-one", cgp.KIND_BATCH, token) == ["batches/a1", "batches/b2"]
+    assert cgp.decode_names(b"key-two", cgp.KIND_BATCH, token) is None
+    assert cgp.decode_names(b"key-one", cgp.KIND_FILE, token) is None
+    flipped = token[:5] + ("A" if token[5] != "A" else "B") + token[6:]
+    assert cgp.decode_names(b"key-one", cgp.KIND_BATCH, flipped) is None
+    carrier = cgp.encode_carrier(b"key-one", cgp.Carried("m", cgp.KIND_CALL, "c", "sig"))
+    assert cgp.decode_names(b"key-one", cgp.KIND_BATCH, carrier) is None
+    assert cgp.decode_carrier(b"key-one", token) is None
+
+
+@pytest.mark.parametrize("path, route, path_id", [
+    ("/v1/messages/batches", "/v1/messages/batches", ""),
+    ("/v1/messages/batches/msgbatch_x", "/v1/messages/batches/{id}", "msgbatch_x"),
+    ("/v1/messages/batches/msgbatch_x/cancel", "/v1/messages/batches/{id}/cancel", "msgbatch_x"),
+    ("/v1/messages/batches/msgbatch_x/results", "/v1/messages/batches/{id}/results", "msgbatch_x"),
+    ("/v1/files/file_y/content", "/v1/files/{id}/content", "file_y"),
+    ("/v1/models/gemini-3.5-flash", "/v1/models/{id}", "gemini-3.5-flash"),
+    ("/v1/files/file_y/other", "", ""),
+    ("/v1/messages/batches//cancel", "", ""),
+])
+def test_routes_match_path_templates(path, route, path_id):
+    found, methods, found_id = cgp.match_route(path)
+    assert (found, found_id) == (route, path_id)
+    assert (methods is None) == (route == "")
+
+
+def test_wrong_method_on_a_templated_route_is_405_with_allow(proxy):
+    answer = request(proxy, "PUT", "/v1/files/file_abc")
+    assert answer.status == 405 and answer.headers["allow"] == "GET, DELETE"
+
+
+def test_upload_streams_in_chunks_and_a_message_can_use_the_file(gemini, proxy, monkeypatch):
+    monkeypatch.setattr(cgp, "UPLOAD_CHUNK_BYTES", 256 * 1024)
+    data = os.urandom(600_000) + b"\r\n--cgp-boundar"  # a near-boundary tail stays file data
+    answer = upload(proxy, data, extra=[("purpose", None, None, b"ignored")])
+    assert answer.status == 200, answer.raw
+    meta = answer.json
+    assert meta["id"].startswith("file_") and meta["type"] == "file" and meta["downloadable"] is False
+    assert (meta["filename"], meta["mime_type"], meta["size_bytes"]) == ("notes.pdf", "application/pdf", len(data))
+    assert meta["created_at"].endswith("Z") and meta["expires_at"] > meta["created_at"]
+    (upload_state,) = gemini.uploads.values()
+    assert upload_state["chunks"] == [262144, 262144, len(data) - 2 * 262144]  # never the whole file
+    assert upload_state["declared"] is None and upload_state["display"] == "notes.pdf"
+    name = upload_state["file"]
+    assert gemini.file_bytes[name] == data and gemini.files[name]["mimeType"] == "application/pdf"
+    starts = [r for r in gemini.requests if r[1] == "/upload/v1beta/files"]
+    assert len(starts) == 1 and starts[0][2]["X-Goog-Upload-Protocol"] == "resumable"
+    document = {"type": "document", "source": {"type": "file", "file_id": meta["id"]}}
+    reply = post(proxy, messages_body([document, {"type": "text", "text": "Summarise"}]))
+    assert reply.status == 200, reply.raw
+    parts = gemini.bodies[-1]["contents"][-1]["parts"]
+    assert parts[0] == {"fileData": {"mimeType": "application/pdf", "fileUri": gemini.files[name]["uri"]}}
+
+
+def test_small_upload_declares_its_size_in_one_finalizing_chunk(gemini, proxy):
+    answer = upload(proxy, b"hello world", filename="dir/a.txt", content_type=None)
+    assert answer.status == 200, answer.raw
+    assert (answer.json["filename"], answer.json["mime_type"]) == ("a.txt", "text/plain")
+    (upload_state,) = gemini.uploads.values()
+    assert upload_state["declared"] == 11 and upload_state["chunks"] == [11]
+    finals = [r for r in gemini.requests if "upload_id=" in r[1]]
+    assert len(finals) == 1 and finals[0][2]["X-Goog-Upload-Command"] == "upload, finalize"
+
+
+def test_file_routes_get_list_pages_content_and_delete(gemini, proxy):
+    ids = [upload(proxy, b"x" * i, filename=f"f{i}.txt", content_type="text/plain").json["id"] for i in (1, 2, 3)]
+    gemini.add_file(b"{}", "application/jsonl", "claude_gemini_proxy:batch input")  # the proxy's own
+    first = request(proxy, "GET", "/v1/files?beta=true&limit=2").json
+    assert [f["id"] for f in first["data"]] == ids[:2] and first["has_more"] is True
+    assert first["first_id"] == ids[0] and first["last_id"] == ids[1] and first["next_page"].startswith("page_")
+    second = request(proxy, "GET", f"/v1/files?limit=2&page={first['next_page']}").json
+    assert [f["id"] for f in second["data"]] == ids[2:] and second["has_more"] is False
+    got = request(proxy, "GET", f"/v1/files/{ids[1]}")
+    assert got.status == 200 and got.json["filename"] == "f2.txt" and got.json["size_bytes"] == 2
+    content = request(proxy, "GET", f"/v1/files/{ids[1]}/content")
+    assert content.status == 403 and "not downloadable" in content.json["error"]["message"]
+    deleted = request(proxy, "DELETE", f"/v1/files/{ids[1]}")
+    assert deleted.status == 200 and deleted.json == {"id": ids[1], "type": "file_deleted"}
+    gone = request(proxy, "GET", f"/v1/files/{ids[1]}")
+    assert gone.status == 404 and gone.json["error"]["type"] == "not_found_error"
+    assert request(proxy, "GET", "/v1/files?limit=0").status == 400
+
+
+def test_upload_refuses_bodies_that_are_not_a_file(gemini, proxy):
+    not_multipart = request(proxy, "POST", "/v1/files", {"file": "x"})
+    assert not_multipart.status == 400 and "multipart/form-data" in not_multipart.json["error"]["message"]
+    body, ctype = multipart([("purpose", None, None, b"x")])
+    no_file = request(proxy, "POST", "/v1/files", raw=body, headers={"content-type": ctype})
+    assert no_file.status == 400 and no_file.json["error"]["message"].startswith("file: field required")
+    body, ctype = multipart([("file", "a.bin", None, b"abc")])
+    cut = request(proxy, "POST", "/v1/files", raw=body[:-10], headers={"content-type": ctype})
+    assert cut.status == 400 and "closing boundary" in cut.json["error"]["message"]
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:  # 3 GB declared
+        sock.sendall(f"POST /v1/files HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\n"
+                     f"Content-Length: {3 * 1024 ** 3}\r\n\r\n".encode())
+        sock.shutdown(socket.SHUT_WR)
+        head = sock.recv(65536)
+    assert head.startswith(b"HTTP/1.1 413") and b"request_too_large" in head
+    assert not any(r[1].startswith("/upload/") and "upload_id" in r[1] for r in gemini.requests)
+
+
+def test_forged_foreign_or_other_kind_ids_are_404_and_never_reach_gemini(gemini, proxy):
+    other_key = cgp.encode_names(b"another key", cgp.KIND_BATCH, ["batches/abc"])
+    mine = proxy.server.signatures.key
+    as_file = cgp.encode_names(mine, cgp.KIND_FILE, ["batches/abc", "x", "9999999999", "u"])
+    bad_name = cgp.encode_names(mine, cgp.KIND_BATCH, ["models/../files/abc"])
+    batch_ids = ["msgbatch_", "msgbatch_abc", "msgbatch_" + other_key, "msgbatch_" + as_file,
+                 "msgbatch_" + bad_name, "file_" + other_key]
+    file_ids = ["file_", "file_abc", "file_" + other_key, "file_" + bad_name, "msgbatch_" + as_file]
+    calls = [("GET", "/v1/messages/batches/{}"), ("DELETE", "/v1/messages/batches/{}"),
+             ("POST", "/v1/messages/batches/{}/cancel"), ("GET", "/v1/messages/batches/{}/results")]
+    files = [("GET", "/v1/files/{}"), ("DELETE", "/v1/files/{}"), ("GET", "/v1/files/{}/content")]
+    tried = 0
+    for ids, routes in ((batch_ids, calls), (file_ids, files)):
+        for bad_id in ids:
+            for method, path in routes:
+                answer = request(proxy, method, path.format(bad_id), body={} if method == "POST" else None)
+                assert answer.status == 404 and answer.json["error"]["type"] == "not_found_error", (method, path, bad_id)
+                tried += 1
+    assert tried == 6 * 4 + 5 * 3 and gemini.requests == []
+
+
+def test_file_sources_become_file_data_and_foreign_or_expired_ids_are_400():
+    store = cgp.SignatureStore(b"k" * 32)
+    name, uri = "files/abc123", "https://generativelanguage.googleapis.com/v1beta/files/abc123"
+    file_id = cgp.file_object(store.key, {"name": name, "mimeType": "image/png", "uri": uri,
+                                          "createTime": "2099-01-01T00:00:00.123456789Z",
+                                          "expirationTime": "2099-01-03T00:00:00Z"})["id"]
+    image = {"type": "image", "source": {"type": "file", "file_id": file_id}}
+    body = translate({"messages": [{"role": "user", "content": [image]}] + tool_loop_messages([image])[1:]},
+                     store=store).body
+    assert body["contents"][0]["parts"] == [{"fileData": {"mimeType": "image/png", "fileUri": uri}}]
+    response = body["contents"][-1]["parts"][0]["functionResponse"]
+    assert response["parts"] == [{"fileData": {"mimeType": "image/png", "fileUri": uri}}]
+    expired = cgp.encode_names(store.key, cgp.KIND_FILE, [name, "image/png", "1000", uri])
+    foreign = cgp.encode_names(b"other", cgp.KIND_FILE, [name, "image/png", "9999999999", uri])
+    for bad, wording in (("file_" + expired, "expired at 1970-01-01T00:16:40Z"),
+                         ("file_" + foreign, "not a file uploaded through this proxy"),
+                         ("msgbatch_x", "not a file uploaded")):
+        block = {"type": "document", "source": {"type": "file", "file_id": bad}}
+        with pytest.raises(cgp.ProxyError) as raised:
+            translate({"messages": [{"role": "user", "content": [block]}]}, store=store)
+        assert raised.value.status == 400 and wording in raised.value.message
+        assert raised.value.message.startswith("messages.0.content.0.source.file_id: ")
+
+
+def test_batch_requests_translate_as_messages_do_and_results_map_back_by_key(gemini, proxy):
+    tool = {"name": "get weather!", "input_schema": {"type": "object", "properties": {}}}
+    requests = [batch_request("r0", "one"), batch_request("r1", "two", tools=[tool]),
+                batch_request("r2", "three", stop_sequences=["a", "b", "c", "d", "e", "Stop"])]
+    batch = create_batch(proxy, *requests)
+    assert batch["id"].startswith("msgbatch_") and batch["type"] == "message_batch"
+    assert batch["processing_status"] == "in_progress" and batch["results_url"] is None
+    assert batch["request_counts"] == {"processing": 3, "succeeded": 0, "errored": 0, "canceled": 0, "expired": 0}
+    assert batch["ended_at"] is None and batch["archived_at"] is None and batch["cancel_initiated_at"] is None
+    (name,) = gemini_batch_names(proxy, batch["id"])
+    inline = gemini.batches[name]["items"]
+    config = make_config(gemini)
+    for item, sent in zip(requests, inline):
+        expected = cgp.to_gemini_request(item["params"], config, cgp.SignatureStore(b"k" * 32)).body
+        assert sent["request"] == json.loads(json.dumps(expected))  # the /v1/messages translation
+        assert json.loads(sent["metadata"]["key"])[0] == item["custom_id"]
+    assert len(inline) == 3 and gemini.batches[name]["displayName"].startswith("claude_gemini_proxy:")
+    assert request(proxy, "GET", f"/v1/messages/batches/{batch['id']}").json == batch
+    gemini.script = [Reply(chunk(text("zero"), finish="STOP")),
+                     Reply(chunk(call(cgp.gemini_tool_name("get weather!"), {}), finish="STOP")),
+                     Reply(chunk(text("go Stop here"), finish="STOP"))]
+    gemini.end_batch(name, reverse=True)  # Gemini's order is not the requests' order
+    ended = request(proxy, "GET", f"/v1/messages/batches/{batch['id']}?beta=true").json
+    assert ended["processing_status"] == "ended" and ended["ended_at"]
+    assert ended["request_counts"]["succeeded"] == 3
+    assert ended["results_url"] == f"http://127.0.0.1:{proxy.port}/v1/messages/batches/{batch['id']}/results"
+    lines = {line["custom_id"]: line["result"] for line in results(proxy, batch["id"])}
+    assert sorted(lines) == ["r0", "r1", "r2"] and all(r["type"] == "succeeded" for r in lines.values())
+    assert lines["r0"]["message"]["content"] == [{"type": "text", "text": "zero"}]
+    assert lines["r0"]["message"]["model"] == "claude-sonnet-4-5-20250929"
+    assert lines["r1"]["message"]["content"][0]["name"] == "get weather!"  # renamed back
+    assert lines["r1"]["message"]["stop_reason"] == "tool_use"
+    assert lines["r2"]["message"]["stop_reason"] == "stop_sequence"  # the sixth, enforced by the fold
+    assert lines["r2"]["message"]["content"] == [{"type": "text", "text": "go "}]
+
+
+def test_a_batch_across_models_is_one_gemini_batch_per_model_under_one_id(gemini, proxy):
+    batch = create_batch(proxy, batch_request("a"), batch_request("b", model="gemini-3.1-pro-preview"),
+                         batch_request("c"))
+    names = gemini_batch_names(proxy, batch["id"])
+    posted = [r[1] for r in gemini.requests if r[1].endswith(":batchGenerateContent")]
+    assert posted == ["/v1beta/models/gemini-3.5-flash:batchGenerateContent",
+                      "/v1beta/models/gemini-3.1-pro-preview:batchGenerateContent"]
+    assert [len(gemini.batches[n]["items"]) for n in names] == [2, 1]
+    gemini.end_batch(names[0])
+    half = request(proxy, "GET", f"/v1/messages/batches/{batch['id']}").json
+    assert half["processing_status"] == "in_progress" and half["request_counts"]["processing"] == 3
+    gemini.end_batch(names[1])
+    done = request(proxy, "GET", f"/v1/messages/batches/{batch['id']}").json
+    assert done["processing_status"] == "ended" and done["request_counts"]["succeeded"] == 3
+    lines = results(proxy, batch["id"])
+    assert sorted(line["custom_id"] for line in lines) == ["a", "b", "c"]
+    assert {line["result"]["message"]["model"] for line in lines} == {"claude-sonnet-4-5-20250929",
+                                                                     "gemini-3.1-pro-preview"}
+
+
+def test_a_refused_model_part_removes_the_parts_already_created(gemini, proxy):
+    gemini.refused_batch_models = {"gemini-3.1-pro-preview"}
+    answer = post(proxy, {"requests": [batch_request("a"), batch_request("b", model="gemini-3.1-pro-preview")]},
+                  path="/v1/messages/batches")
+    assert answer.status == 429 and answer.json["error"]["type"] == "rate_limit_error"
+    assert gemini.batches == {}  # the flash part was cancelled and deleted
+    assert [r[0] for r in gemini.requests if r[1].startswith("/v1beta/batches/")] == ["POST", "DELETE"]
+
+
+@pytest.mark.parametrize("state, answered, errors, expected, counts", [
+    ("BATCH_STATE_SUCCEEDED", None, {1}, ["succeeded", "errored", "succeeded"], {"succeeded": 2, "errored": 1}),
+    ("BATCH_STATE_FAILED", 0, (), ["errored", "errored", "errored"], {"errored": 3}),
+    ("BATCH_STATE_CANCELLED", 1, (), ["succeeded", "canceled", "canceled"], {"succeeded": 1, "canceled": 2}),
+    ("BATCH_STATE_EXPIRED", 0, (), ["expired", "expired", "expired"], {"expired": 3}),
+])
+def test_results_for_every_way_a_batch_ends(gemini, proxy, state, answered, errors, expected, counts):
+    batch = create_batch(proxy, batch_request("x0"), batch_request("x1"), batch_request("x2"))
+    (name,) = gemini_batch_names(proxy, batch["id"])
+    gemini.end_batch(name, state, answered=answered, errors=errors)
+    ended = request(proxy, "GET", f"/v1/messages/batches/{batch['id']}").json
+    assert ended["processing_status"] == "ended"
+    assert ended["request_counts"] == dict(dict.fromkeys(
+        ("processing", "succeeded", "errored", "canceled", "expired"), 0), **counts)
+    lines = sorted(results(proxy, batch["id"]), key=lambda line: line["custom_id"])
+    assert [line["result"]["type"] for line in lines] == expected
+    for line in lines:
+        result = line["result"]
+        if result["type"] == "errored":
+            assert result["error"]["type"] == "error" and result["error"]["error"]["message"]
+        if state == "BATCH_STATE_FAILED":
+            assert "The batch failed: internal error." in result["error"]["error"]["message"]
+    if errors:
+        assert lines[1]["result"]["error"]["error"] == {"type": "invalid_request_error",
+                                                        "message": "Gemini: request 1 was invalid"}
+
+
+def test_a_batch_over_the_inline_limit_goes_as_a_jsonl_file(gemini, start_proxy):
+    proxy = start_proxy(make_config(gemini, batch_inline_bytes=500))
+    batch = create_batch(proxy, *[batch_request(f"big{i}", "x" * 200) for i in range(3)])
+    (name,) = gemini_batch_names(proxy, batch["id"])
+    source = gemini.batches[name]["inputConfig"]
+    assert list(source) == ["fileName"]
+    uploaded = gemini.files[source["fileName"]]
+    assert uploaded["mimeType"] == "application/jsonl"
+    assert uploaded["displayName"] == gemini.batches[name]["displayName"]
+    lines = [json.loads(line) for line in gemini.file_bytes[source["fileName"]].splitlines()]
+    assert [json.loads(line["key"])[0] for line in lines] == ["big0", "big1", "big2"]
+    assert all(line["request"]["contents"][0]["parts"] == [{"text": "x" * 200}] for line in lines)
+    gemini.end_batch(name, reverse=True)
+    got = results(proxy, batch["id"])
+    assert sorted(line["custom_id"] for line in got) == ["big0", "big1", "big2"]
+    assert {line["result"]["message"]["content"][0]["text"] for line in got} == {"Answer 0.", "Answer 1.", "Answer 2."}
+    assert any(r[1].endswith(":download?alt=media") for r in gemini.requests)
+    assert request(proxy, "GET", "/v1/files").json["data"] == []  # batch input and output stay hidden
+
+
+@pytest.mark.parametrize("requests, wording", [
+    ([], "requests: must be a non-empty array"),
+    ([batch_request("a"), batch_request("b", stream=True)], "requests.1 (custom_id 'b'): params.stream:"),
+    ([batch_request("a"), batch_request("a")], "requests.1.custom_id: 'a' is used twice"),
+    ([batch_request("bad id!")], "requests.0.custom_id: must be 1-64"),
+    ([{"custom_id": "m", "params": {"model": "claude-x", "messages": [{"role": "robot", "content": "x"}]}}],
+     "requests.0 (custom_id 'm'): params.messages.0.role:"),
+])
+def test_a_bad_request_makes_the_create_a_400_naming_it(gemini, proxy, requests, wording):
+    answer = post(proxy, {"requests": requests}, path="/v1/messages/batches")
+    assert answer.status == 400 and answer.json["error"]["message"].startswith(wording), answer.json
+    assert gemini.requests == []
+
+
+def test_batch_limits_are_anthropics(gemini, proxy, monkeypatch):
+    monkeypatch.setattr(cgp, "MAX_BATCH_REQUESTS", 2)
+    answer = post(proxy, {"requests": [batch_request(f"n{i}") for i in range(3)]}, path="/v1/messages/batches")
+    assert answer.status == 400 and "at most 2 per batch" in answer.json["error"]["message"]
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/messages/batches HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % (300 * 1024 * 1024))
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 413")
+
+
+def test_batch_list_shows_this_keys_batches_newest_first_with_paging(gemini, proxy, start_proxy):
+    first = create_batch(proxy, batch_request("a"))
+    second = create_batch(proxy, batch_request("b"), batch_request("c", model="gemini-3.1-pro-preview"))
+    stranger = start_proxy(make_config(gemini, signature_key=b"s" * 32))
+    theirs = create_batch(stranger, batch_request("z"))
+    gemini.batches["batches/foreign"] = dict(gemini.batches[gemini_batch_names(proxy, first["id"])[0]],
+                                             name="batches/foreign", displayName="someone else's job")
+    listed = request(proxy, "GET", "/v1/messages/batches?beta=true").json
+    assert [b["id"] for b in listed["data"]] == [second["id"], first["id"]]
+    assert listed["has_more"] is False and listed["first_id"] == second["id"]
+    page = request(proxy, "GET", "/v1/messages/batches?limit=1").json
+    assert [b["id"] for b in page["data"]] == [second["id"]] and page["has_more"] is True
+    after = request(proxy, "GET", f"/v1/messages/batches?limit=1&after_id={page['last_id']}").json
+    assert [b["id"] for b in after["data"]] == [first["id"]] and after["has_more"] is False
+    assert [b["id"] for b in request(stranger, "GET", "/v1/messages/batches").json["data"]] == [theirs["id"]]
+
+
+def test_cancel_then_delete(gemini, proxy):
+    batch = create_batch(proxy, batch_request("a"), batch_request("b"))
+    (name,) = gemini_batch_names(proxy, batch["id"])
+    early = request(proxy, "DELETE", f"/v1/messages/batches/{batch['id']}")
+    assert early.status == 400 and "cancel it" in early.json["error"]["message"] and name in gemini.batches
+    not_yet = request(proxy, "GET", f"/v1/messages/batches/{batch['id']}/results")
+    assert not_yet.status == 400 and "has not ended" in not_yet.json["error"]["message"]
+    gemini.cancel_async = True
+    canceling = post(proxy, {}, path=f"/v1/messages/batches/{batch['id']}/cancel").json
+    assert canceling["processing_status"] == "canceling" and canceling["cancel_initiated_at"]
+    assert any(r[1] == f"/v1beta/{name}:cancel" for r in gemini.requests)
+    gemini.end_batch(name, "BATCH_STATE_CANCELLED", answered=0)
+    ended = request(proxy, "GET", f"/v1/messages/batches/{batch['id']}").json
+    assert ended["processing_status"] == "ended" and ended["request_counts"]["canceled"] == 2
+    assert [line["result"] for line in results(proxy, batch["id"])] == [{"type": "canceled"}] * 2
+    deleted = request(proxy, "DELETE", f"/v1/messages/batches/{batch['id']}")
+    assert deleted.json == {"id": batch["id"], "type": "message_batch_deleted"} and name not in gemini.batches
+    gone = request(proxy, "GET", f"/v1/messages/batches/{batch['id']}")
+    assert gone.status == 404 and gone.json["error"]["type"] == "not_found_error"
