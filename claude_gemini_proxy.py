@@ -1071,7 +1071,7 @@ def _offered_tools(tools: list, messages: list) -> tuple:
             changed = [n for n in names if isinstance(n, str) and n.startswith(prefix)]
         else:  # tool_reference {name}
             changed = [ref.get("name")]
-        offered.update(dict.fromkeys(changed, offer))
+        offered.update(dict.fromkeys((n for n in changed if isinstance(n, str)), offer))
     return offered, tools
 
 
@@ -1862,9 +1862,9 @@ class ResponseFold:
     def _search_blocks(self, grounding: dict, events: list) -> None:
         """Emit server_tool_use + web_search_tool_result per query Google Search ran; the
         sources (Gemini does not say which query found which) go with the first."""
-        queries = [q for q in grounding.get("webSearchQueries") or () if isinstance(q, str)]
+        queries = [q for q in _items(grounding, "webSearchQueries") if isinstance(q, str)]
         results = []
-        for chunk in grounding.get("groundingChunks") or ():
+        for chunk in _items(grounding, "groundingChunks"):
             web = chunk.get("web") if isinstance(chunk, dict) else None
             if isinstance(web, dict) and web.get("uri"):
                 results.append({"type": "web_search_result", "url": web["uri"],
@@ -1879,11 +1879,11 @@ class ResponseFold:
     def _fetch_blocks(self, url_context: dict, grounding: dict, events: list) -> None:
         """Emit server_tool_use + web_fetch_tool_result per URL that URL context read."""
         titles = {}
-        for chunk in grounding.get("groundingChunks") or ():
+        for chunk in _items(grounding, "groundingChunks"):
             web = chunk.get("web") if isinstance(chunk, dict) else None
             if isinstance(web, dict) and web.get("uri"):
                 titles[web["uri"]] = web.get("title")
-        entries = [entry for entry in url_context.get("urlMetadata") or ()
+        entries = [entry for entry in _items(url_context, "urlMetadata")
                    if isinstance(entry, dict) and isinstance(entry.get("retrievedUrl"), str)]
         for entry in entries:
             url = entry["retrievedUrl"]
@@ -1933,6 +1933,12 @@ URL_FETCH_ERRORS = {"URL_RETRIEVAL_STATUS_ERROR": "url_not_accessible",
                     "URL_RETRIEVAL_STATUS_UNSAFE": "url_not_allowed"}
 
 
+def _items(container: dict, key: str) -> list:
+    """Return container[key] when it is a list (Gemini metadata fields), else []."""
+    value = container.get(key)
+    return value if isinstance(value, list) else []
+
+
 def _fetch_content(entry: dict, title) -> dict:
     """Return the content of a web_fetch_tool_result for one urlMetadata entry."""
     status = entry.get("urlRetrievalStatus")
@@ -1961,14 +1967,14 @@ def _code_result_content(result: dict) -> dict:
 def _citations(grounding: dict) -> list:
     """Return web_search_result_location citations for Google Search's groundingSupports."""
     sources = [chunk.get("web") if isinstance(chunk, dict) else None
-               for chunk in grounding.get("groundingChunks") or ()]
+               for chunk in _items(grounding, "groundingChunks")]
     citations = []
-    for support in grounding.get("groundingSupports") or ():
+    for support in _items(grounding, "groundingSupports"):
         segment = support.get("segment") if isinstance(support, dict) else None
         cited = segment.get("text") if isinstance(segment, dict) else None
         if not isinstance(cited, str) or not cited.strip():
             continue
-        for index in support.get("groundingChunkIndices") or ():
+        for index in _items(support, "groundingChunkIndices"):
             web = sources[index] if isinstance(index, int) and 0 <= index < len(sources) else None
             if isinstance(web, dict) and isinstance(web.get("uri"), str):
                 citations.append({"type": "web_search_result_location", "url": web["uri"],

@@ -3835,3 +3835,22 @@ def test_cancel_then_delete(gemini, proxy):
     assert deleted.json == {"id": batch["id"], "type": "message_batch_deleted"} and name not in gemini.batches
     gone = request(proxy, "GET", f"/v1/messages/batches/{batch['id']}")
     assert gone.status == 404 and gone.json["error"]["type"] == "not_found_error"
+
+
+def test_odd_tool_changes_and_metadata_shapes_never_crash(gemini, proxy):
+    odd_history = [{"role": "user", "content": [
+        {"type": "tool_addition", "tool": {"type": "tool_reference", "name": ["WebFetch"]}},
+        {"type": "tool_addition", "tool": {"type": "tool_definition", "definition": {"name": {"x": 1}}}},
+        {"type": "tool_removal", "tool": "Bash"}, {"type": "text", "text": "go"}]}]
+    answer = post(proxy, messages_body(messages=odd_history, tools=CC_TOOLS[:2] + [CC_WEBFETCH]))
+    assert answer.status == 200, answer.raw
+    assert declared(gemini.bodies[-1]) == ["Bash", "ToolSearch"]
+    grounding = {"webSearchQueries": "abc", "groundingChunks": 5,
+                 "groundingSupports": [{"segment": "x", "groundingChunkIndices": 3},
+                                       {"segment": {"text": "Hi"}, "groundingChunkIndices": 3}]}
+    gemini.script = [Reply(chunk(text("Hi"), finish="STOP", grounding=grounding, url_context=5))]
+    tools = [{"type": "web_search_20250305", "name": "web_search"}, WEB_FETCH_TOOL]
+    answer = post(proxy, messages_body("Hi", tools=tools))
+    assert answer.status == 200, answer.raw
+    assert [b["type"] for b in answer.json["content"]] == ["server_tool_use", "web_search_tool_result", "text"]
+    assert answer.json["content"][0]["input"] == {"query": ""} and "citations" not in answer.json["content"][2]
