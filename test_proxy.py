@@ -141,7 +141,7 @@ class FakeGemini:
              "thinking": True},
             {"name": "models/gemini-3.1-pro-preview", "displayName": "Gemini 3.1 Pro",
              "inputTokenLimit": 1048576, "outputTokenLimit": 65536,
-             "supportedGenerationMethods": ["generateContent"], "thinking": True},
+             "supportedGenerationMethods": ["generateContent", "batchGenerateContent"], "thinking": True},
             {"name": "models/embedding-001", "supportedGenerationMethods": ["embedContent"]},
             {"name": "models/gemini-2.5-flash", "displayName": "Gemini 2.5 Flash", "inputTokenLimit": 1048576,
              "outputTokenLimit": 65536, "supportedGenerationMethods": ["generateContent"], "thinking": True},
@@ -1782,6 +1782,8 @@ def test_models_carry_lifecycle_and_capabilities_from_gemini_list(gemini, proxy)
     assert flash["lifecycle"] == "deprecated" and flash["deprecated_at"] == "2026-10-08T00:00:00Z"
     assert pro["lifecycle"] == "active" and pro["capabilities"]["thinking"]["supported"] is True
     assert pro["capabilities"]["image_input"] == {"supported": True}
+    assert pro["capabilities"]["batch"] == {"supported": True}  # Gemini batches it, the proxy serves batches
+    assert flash["capabilities"]["batch"] == {"supported": False}
     assert pro["capabilities"]["server_tools"]["web_search"] == {"supported": True}
     assert gemma["capabilities"]["thinking"]["supported"] is False
     assert gemma["capabilities"]["pdf_input"] == {"supported": False}
