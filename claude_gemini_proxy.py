@@ -27,6 +27,11 @@ Environment (command-line flags beat the environment, which beats a ./.env file)
   PROXY_SIGNATURE_KEY   HMAC key for thought-signature carriers (default: from the API key)
   MAX_REQUEST_BYTES     33554432
   SHUTDOWN_GRACE        30 seconds for in-flight requests after SIGTERM/SIGINT
+  HEADER_TIMEOUT        30 seconds for request headers; a body gets this plus 1 s per 64 KiB
+  IDLE_TIMEOUT          75 seconds an idle keep-alive connection is kept
+  WRITE_TIMEOUT         60 seconds a client may leave a response unread before it is cut
+  MAX_CONNECTIONS       0 = derived from the file-descriptor limit; past it a fast 529
+  MAX_INFLIGHT_BYTES    268435456 request bytes held at once; past it a short wait, then 529
   HTTPS_PROXY, HTTP_PROXY, NO_PROXY   egress proxy (CONNECT tunnel), as curl reads them
   SSL_CERT_FILE, SSL_CERT_DIR         CA bundle or directory for a private upstream CA
   DEBUG                 true/1 for per-request and upstream logs (secrets redacted)
@@ -49,7 +54,9 @@ import email.parser
 import fnmatch
 import hashlib
 import hmac
+import errno
 import http.client
+import io
 import itertools
 import json
 import logging
@@ -110,7 +117,13 @@ class Config:
     signature_key = b""  # HMAC key of signature carriers; instances sharing it agree
     max_request_bytes = 32 * 1024 * 1024  # the Anthropic API's own limit
     ping_interval = 15.0  # SSE keep-alive when nothing was written for this long
-    client_timeout = 300.0  # idle keep-alive clients and slow request bodies
+    header_timeout = 30.0  # request line and headers; a body gets this plus 1 s per 64 KiB
+    idle_timeout = 75.0  # keep-alive wait for the next request; above nginx's 60 s default
+    write_timeout = 60.0  # a client that reads nothing this long loses its response
+    discard_timeout = 5.0  # time spent throwing away a body the answer did not need
+    max_connections = 0  # 0: derived from the file-descriptor limit (max_connections_for)
+    max_inflight_bytes = 256 * 1024 * 1024  # request bodies (and their parsed JSON) held at once
+    inflight_wait = 3.0  # how long a body waits for room under max_inflight_bytes before a 529
     shutdown_grace = 30.0
     auth_command = ""  # prints a bearer token (gcloud auth print-access-token); replaces keys
     auth_ttl = 3000.0  # rerun the command after this many seconds (tokens live an hour)
@@ -193,6 +206,11 @@ ENV_OPTIONS = (
     ("MAX_RETRY_WAIT", None, "max_retry_wait", float, "longest upstream retry delay honoured"),
     ("MAX_REQUEST_BYTES", None, "max_request_bytes", int, "largest request body accepted"),
     ("SHUTDOWN_GRACE", None, "shutdown_grace", float, "seconds in-flight work gets on SIGTERM"),
+    ("HEADER_TIMEOUT", None, "header_timeout", float, "seconds for request headers (408 past)"),
+    ("IDLE_TIMEOUT", None, "idle_timeout", float, "seconds an idle keep-alive connection stays"),
+    ("WRITE_TIMEOUT", None, "write_timeout", float, "seconds a client may stall a response"),
+    ("MAX_CONNECTIONS", None, "max_connections", int, "client connections (0: from ulimit -n)"),
+    ("MAX_INFLIGHT_BYTES", None, "max_inflight_bytes", int, "request bytes held at once"),
     ("GEMINI_AUTH_COMMAND", None, "auth_command", str, "command printing a bearer token"),
     ("GEMINI_AUTH_TTL", None, "auth_ttl", float, "seconds before the token command runs again"),
     ("MODEL_FALLBACKS", None, "model_fallbacks", parse_model_fallbacks,
@@ -3294,6 +3312,200 @@ class BatchService:
 
 PING_FRAME = sse_frame("ping", {"type": "ping"})
 
+# Framing, as nginx and h11 read it: one request is exactly its bytes, never more or fewer.
+REQUEST_LINE_LIMIT = 65536
+HEADER_LIMIT_BYTES = 64 * 1024  # all header lines together (http.client allows 100 x 64 KiB)
+HEADER_LIMIT_LINES = 100
+DISCARD_LIMIT = 1024 * 1024  # an unread body thrown away so the connection can stay open
+BODY_BYTES_PER_SECOND = 64 * 1024  # a body's deadline: HEADER_TIMEOUT + 1 s per 64 KiB
+BODY_PIECE = 64 * 1024
+HTTP_METHODS = frozenset(("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"))
+HEADER_NAME_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+CONTENT_LENGTH_RE = re.compile(rb"[ \t]?[0-9]{1,18}")  # one value; int() takes "+9_6 "
+CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,15})(?:;[^\r\n]*)?\r?\n")
+CONTINUE_LINE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class FramingError(Exception):
+    """The request's framing is broken or ambiguous: answer `status` and close."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class ClientIO(socket.SocketIO):
+    """The client socket: every read ends by `deadline`, every write within `write_timeout`."""
+
+    def __init__(self, sock: socket.socket, write_timeout: float):
+        super().__init__(sock, "rwb")
+        self.deadline = time.monotonic()
+        self.write_timeout = write_timeout
+
+    def readinto(self, buffer) -> int:
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:  # whatever the byte rate: a trickle does not reset the clock
+            raise socket.timeout("deadline passed")
+        self._sock.settimeout(remaining)
+        return super().readinto(buffer)
+
+    def write(self, data) -> int:
+        self._sock.settimeout(self.write_timeout)
+        self._sock.sendall(data)
+        return len(data)
+
+
+def read_header_lines(rfile) -> list:
+    """Return [(name, value)] of a header block as bytes; FramingError past the limits."""
+    lines, budget = [], HEADER_LIMIT_BYTES
+    while True:
+        line = rfile.readline(budget + 1)
+        budget -= len(line)
+        if budget < 0 or len(lines) >= HEADER_LIMIT_LINES and line not in (b"\r\n", b"\n"):
+            raise FramingError(431, f"request headers: more than {HEADER_LIMIT_LINES} lines "
+                                    f"or {HEADER_LIMIT_BYTES} bytes")
+        if not line.endswith(b"\n"):
+            raise ConnectionError("client left inside the headers")
+        line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+        if not line:
+            return lines
+        name, colon, value = line.partition(b":")
+        if not colon or not HEADER_NAME_RE.fullmatch(name) or b"\r" in value or b"\0" in value:
+            raise FramingError(400, "malformed header line")  # also " Name:" folds, "Name :"
+        lines.append((name, value))
+
+
+def body_framing(lines: list, version: str) -> tuple:
+    """Return (Content-Length or None, chunked) for header lines; FramingError if ambiguous."""
+    lengths, codings = set(), []
+    for name, value in lines:
+        lowered = name.lower()
+        if lowered == b"content-length":
+            if not CONTENT_LENGTH_RE.fullmatch(value):
+                raise FramingError(400, "Content-Length: must be one number of ASCII digits")
+            lengths.add(int(value))
+        elif lowered == b"transfer-encoding":
+            codings.append(value.strip(b" \t").lower())
+    if len(lengths) > 1:
+        raise FramingError(400, "Content-Length: the request has two different values")
+    if codings and (lengths or codings != [b"chunked"] or version == "HTTP/1.0"):
+        raise FramingError(400, "Transfer-Encoding: only chunked, without Content-Length")
+    if codings:
+        return None, True
+    return (lengths.pop() if lengths else None), False
+
+
+class RequestBody:
+    """A request body exactly as framed (Content-Length or chunked), read once, in pieces.
+
+    pieces() is for routes that stream a body on (uploads); read() holds it whole."""
+
+    def __init__(self, rfile, client: ClientIO, length: int | None, chunked: bool,
+                 allowance: float, send_continue=None):
+        self.rfile = rfile
+        self.client = client
+        self.length = length  # the declared Content-Length; None when chunked
+        self.chunked = chunked
+        self.received = 0
+        self.chunk_left = 0  # bytes left in the current chunk
+        self.done = not chunked and not length
+        self.started = False
+        self.broken = False  # a read failed: what follows on the connection is unknowable
+        self.allowance = allowance  # HEADER_TIMEOUT: the deadline before the per-byte part
+        self.begun_at = time.monotonic()
+        self.send_continue = send_continue  # writes "100 Continue" when the client expects it
+
+    def pieces(self, limit: int, size: int = BODY_PIECE):
+        """Return an iterator over the body's pieces: 413 past `limit` bytes (at once if the
+        declared length is past it), 408 past its deadline."""
+        if self.length is not None and self.length > limit:
+            raise ProxyError(413, "request_too_large", f"request body is {self.length} bytes; "
+                             f"the limit is {limit}", {"x-should-retry": "false"})
+        self._start()
+        return self._pieces(limit, size)
+
+    def _pieces(self, limit: int, size: int):
+        try:
+            while not self.done:
+                piece = self._piece(size)
+                if self.received > limit:
+                    raise ProxyError(413, "request_too_large", f"request body is over {limit} "
+                                     "bytes", {"x-should-retry": "false"})
+                yield piece
+        except socket.timeout:
+            self.broken = True
+            raise ProxyError(408, "timeout_error", "the request body did not arrive in time "
+                             "(HEADER_TIMEOUT plus 1 s per 64 KiB)") from None
+        except FramingError as error:
+            self.broken = True
+            raise ProxyError(error.status, "invalid_request_error", str(error)) from None
+        except (OSError, ClientGone):
+            self.broken = True
+            raise
+
+    def read(self, limit: int) -> bytes:
+        """Return the whole body (413 past `limit`)."""
+        if self.length is not None and self.length <= limit:
+            return b"".join(self.pieces(limit, self.length))
+        return b"".join(self.pieces(limit))
+
+    def discard(self, byte_budget: int, seconds: float) -> bool:
+        """Read and drop what is left, within a budget; return True if the body ended."""
+        if self.length is not None and self.length - self.received > byte_budget:
+            return False
+        if self.broken or self.send_continue is not None and not self.started:
+            return False  # broken, or the client waits for our word and may never send it
+        self.started = True
+        self.allowance, self.begun_at = seconds, time.monotonic()
+        try:
+            while not self.done and byte_budget > 0:
+                byte_budget -= len(self._piece(BODY_PIECE, per_byte=False))
+        except (OSError, FramingError, ProxyError, ClientGone):
+            return False
+        return self.done
+
+    def _start(self) -> None:
+        if not self.started:
+            self.started = True
+            self.begun_at = time.monotonic()
+            if self.send_continue is not None:
+                self.send_continue()
+
+    def _piece(self, size: int, per_byte: bool = True) -> bytes:
+        expected = self.length if self.length is not None else self.received + size
+        self.client.deadline = (self.begun_at + self.allowance
+                                + (expected / BODY_BYTES_PER_SECOND if per_byte else 0))
+        piece = self._read_chunked(size) if self.chunked else self._read_exact(size)
+        self.received += len(piece)
+        return piece
+
+    def _read_exact(self, size: int) -> bytes:
+        piece = self.rfile.read(min(size, self.length - self.received))
+        if not piece:
+            raise ClientGone()
+        if self.received + len(piece) == self.length:
+            self.done = True
+        return piece
+
+    def _read_chunked(self, size: int) -> bytes:
+        if not self.chunk_left:
+            match = CHUNK_SIZE_RE.fullmatch(self.rfile.readline(1024))
+            if not match:
+                raise FramingError(400, "Transfer-Encoding: malformed chunk size line")
+            self.chunk_left = int(match.group(1), 16)
+            if not self.chunk_left:
+                read_header_lines(self.rfile)  # the trailer section, ignored
+                self.done = True
+                return b""
+        piece = self.rfile.read(min(size, self.chunk_left))
+        if not piece:
+            raise ClientGone()
+        self.chunk_left -= len(piece)
+        if not self.chunk_left and self.rfile.read(2) not in (b"\r\n",):
+            raise FramingError(400, "Transfer-Encoding: a chunk does not end with CRLF")
+        return piece
+
+
 
 class Cancel:
     """Cuts the client's current upstream answer when the client leaves, and refuses any
@@ -3474,6 +3686,7 @@ def _log_word(value: str) -> str:
 
 
 ROUTES = {  # path, where {id} stands for any one segment -> {method: serve_<action>}
+    "/": {"GET": "health"},  # Claude Code warms its connection with HEAD /
     "/v1/messages": {"POST": "messages"},
     "/v1/messages/count_tokens": {"POST": "count_tokens"},
     "/v1/messages/batches": {"POST": "create_batch", "GET": "list_batches"},
@@ -3513,30 +3726,103 @@ class ProxyHandler(BaseHTTPRequestHandler):
     sys_version = ""
 
     def setup(self) -> None:
-        self.timeout = self.server.config.client_timeout  # idle keep-alive and slow bodies
-        super().setup()
+        config = self.server.config
+        self.connection = self.request
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.client_io = ClientIO(self.connection, config.write_timeout)
+        self.client_io.deadline = time.monotonic() + config.header_timeout
+        self.rfile = io.BufferedReader(self.client_io, BODY_PIECE)
+        self.wfile = self.client_io
+        self.served = 0
+        self.body = None
+        self.linger = False  # input may be left unread: let the answer out before closing
 
-    def do_GET(self):
-        self.handle_request("GET")
+    def handle_one_request(self) -> None:
+        """Wait for a request, read its head within the limits, answer it, settle its body."""
+        config = self.server.config
+        self.close_connection = True
+        if self.served:  # keep-alive: the next request may start within IDLE_TIMEOUT
+            self.client_io.deadline = time.monotonic() + config.idle_timeout
+            try:
+                if not self.rfile.peek(1):
+                    return
+            except OSError:
+                return  # idle too long or reset: close without a word, as nginx does
+            self.client_io.deadline = time.monotonic() + config.header_timeout
+        self.served += 1
+        self.request_id = "req_" + secrets.token_hex(12)
+        self.command, self.path, self.body = "", "", None
+        try:
+            self.read_request_head()
+        except FramingError as error:
+            self.linger = True
+            self.send_error(error.status, str(error))
+            return
+        except socket.timeout:
+            self.send_error(408, "the request headers did not arrive within HEADER_TIMEOUT")
+            return
+        except (OSError, ValueError):
+            return  # the client left mid-request
+        self.handle_request(self.command)
+        if not self.body.done:
+            self.close_connection = True
 
-    def do_POST(self):
-        self.handle_request("POST")
+    def read_request_head(self) -> None:
+        """Set command, path, headers and body from the request; FramingError if malformed."""
+        line = self.rfile.readline(REQUEST_LINE_LIMIT + 1)
+        if not line.endswith(b"\n"):
+            if len(line) > REQUEST_LINE_LIMIT:
+                raise FramingError(414, "the request line is too long")
+            raise ConnectionError("client left")
+        self.requestline = line.rstrip(b"\r\n").decode("latin-1")
+        words = self.requestline.split()
+        if len(words) == 2:
+            raise FramingError(400, "HTTP/0.9 requests are not served")
+        if len(words) != 3:
+            raise FramingError(400, "malformed request line")
+        self.command, self.path, version = words
+        if version not in ("HTTP/1.1", "HTTP/1.0"):
+            raise FramingError(505 if version[:6] in ("HTTP/2", "HTTP/3") else 400,
+                               f"{version[:20]!r} is not served: speak HTTP/1.1")
+        self.request_version = version
+        lines = read_header_lines(self.rfile)
+        length, chunked = body_framing(lines, version)
+        headers = http.client.HTTPMessage()
+        for name, value in lines:
+            headers[name.decode("latin-1")] = value.strip(b" \t").decode("latin-1")
+        self.headers = headers
+        if version == "HTTP/1.1" and len(headers.get_all("host") or ()) != 1:
+            raise FramingError(400, "Host: an HTTP/1.1 request needs exactly one")
+        self.close_connection = (
+            version == "HTTP/1.0" or "close" in (headers.get("connection") or "").lower()
+        )
+        if self.command not in HTTP_METHODS:
+            raise FramingError(501, f"method {self.command[:20]!r} is not served")
+        expects = (headers.get("expect") or "").lower() == "100-continue"
+        self.body = RequestBody(self.rfile, self.client_io, length, chunked,
+                                self.server.config.header_timeout,
+                                self._send_continue if expects and version == "HTTP/1.1" else None)
 
-    def do_HEAD(self):  # Claude Code warms the connection with HEAD; any answer will do
-        self.handle_request("HEAD")
+    def _send_continue(self) -> None:
+        self.wfile.write(CONTINUE_LINE)
 
-    def do_PUT(self):
-        self.handle_request("PUT")
+    def finish(self) -> None:
+        super().finish()
+        if self.close_connection and self.linger:
+            self._linger()
 
-    def do_DELETE(self):
-        self.handle_request("DELETE")
-
-    def do_PATCH(self):
-        self.handle_request("PATCH")
-
-    def do_OPTIONS(self):
-        self.handle_request("OPTIONS")
+    def _linger(self) -> None:
+        """Read and drop what the client still sends, so it sees our answer, not a reset."""
+        connection = self.connection
+        deadline = time.monotonic() + self.server.config.discard_timeout
+        try:
+            connection.shutdown(socket.SHUT_WR)
+            while time.monotonic() < deadline:
+                connection.settimeout(max(0.001, deadline - time.monotonic()))
+                if not connection.recv(BODY_PIECE):
+                    return
+        except OSError:
+            pass
 
     def handle_request(self, method: str) -> None:
         server = self.server
@@ -3583,13 +3869,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def route(self, method: str) -> None:
         parts = urllib.parse.urlsplit(self.path)
         path = parts.path
-        if method == "HEAD":
-            self.send_bytes(200, b"", "text/plain")
-            return
         self.route_name, methods, self.path_id = match_route(path)
         if methods is None:
             raise ProxyError(404, "not_found_error", f"no route for {path}")
-        action = methods.get(method)
+        action = methods.get("GET" if method == "HEAD" else method)  # HEAD follows GET's rules
         if action is None:
             raise ProxyError(405, "invalid_request_error", f"{method} is not allowed on {path}",
                              {"Allow": ", ".join(methods)})
@@ -3762,64 +4045,43 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def read_json(self, limit: int = 0):
         """Return the parsed JSON body; raise ProxyError for a missing, huge or broken one."""
-        read = self.body_stream(limit or self.server.config.max_request_bytes)
-        data = read(self.body_size)
+        data = self.read_body(limit)
         try:
             return json.loads(data)
         except ValueError as exc:
             raise bad_request(f"request body is not valid JSON: {exc}")
 
     def body_stream(self, limit: int):
-        """Return read(n) over the request body, once its declared size passed the limit."""
-        length = self.headers.get("content-length")
-        if "chunked" in (self.headers.get("transfer-encoding") or "").lower():
+        """Return read(n) over the request body for routes that stream it on: each call gives
+        the next piece (up to 64 KiB), b"" at the end; 411, 413 and 408 as read_body()."""
+        self._check_framed()
+        pieces = self.body.pieces(limit)
+        return lambda _size: next(pieces, b"")
+
+    def read_body(self, limit: int = 0) -> bytes:
+        """Return the whole request body; 411 without framing, 413 past MAX_REQUEST_BYTES."""
+        self._check_framed()
+        data = self.body.read(limit or self.server.config.max_request_bytes)
+        self.body_size = len(data)
+        return data
+
+    def _check_framed(self) -> None:
+        if self.body.length is None and not self.body.chunked:
+            raise ProxyError(411, "invalid_request_error",
+                             "send the body with a Content-Length (or chunked)")
+
+    def settle_body(self) -> None:
+        """Before an answer: drop a body the route did not read (1 MiB, 5 s), or close after."""
+        config = self.server.config
+        if not self.body.discard(DISCARD_LIMIT, config.discard_timeout):
             self.close_connection = True
-            raise ProxyError(411, "invalid_request_error", "send the body with a Content-Length")
-        try:
-            size = int(length) if length is not None else 0
-        except ValueError:
-            size = -1
-        if size < 0:
-            self.close_connection = True
-            raise bad_request("Content-Length is not a number")
-        if size > limit:
-            self.discard_body(size)
-            raise ProxyError(
-                413,
-                "request_too_large",
-                f"request body is {size} bytes; the limit is {limit}",
-                {"x-should-retry": "false"},
-            )
-        self.body_size = size
-        remaining = [size]
-
-        def read(wanted: int) -> bytes:
-            wanted = min(wanted, remaining[0])
-            data = self.rfile.read(wanted) if wanted > 0 else b""
-            if len(data) < wanted:
-                raise ClientGone()
-            remaining[0] -= wanted
-            return data
-
-        return read
-
-    def discard_body(self, size: int) -> None:
-        """Read an oversized body in small pieces (never held), so the client sees our 413."""
-        self.close_connection = True
-        self.connection.settimeout(2.0)
-        deadline = time.monotonic() + 5.0  # a client trickling gigabytes does not hold a thread
-        try:
-            while size > 0 and time.monotonic() < deadline:
-                piece = self.rfile.read(min(size, 65536))
-                if not piece:
-                    break
-                size -= len(piece)
-        except OSError:
-            pass
+            self.linger = True
 
     def response_head(
         self, status: int, content_type: str, length: int | None, headers: dict | None
     ) -> bytes:
+        if self.body is not None and not self.body.done:
+            self.settle_body()  # leftover body bytes must never be read as the next request
         phrase = self.responses.get(status, ("",))[0]
         lines = [f"HTTP/1.1 {status} {phrase}", f"Server: {self.server_version}",
                  f"Content-Type: {content_type}", f"request-id: {self.request_id}"]
@@ -3873,7 +4135,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def send_error(self, code: int, message: str | None = None,
                    explain: str | None = None) -> None:
-        """Answer http.server's own errors (bad request line, huge headers) in Anthropic shape."""
+        """Answer a request that cannot be framed (request line, headers, 408) and close."""
         self.request_id = getattr(self, "request_id", "req_" + secrets.token_hex(12))
         self.stream = None
         self.close_connection = True

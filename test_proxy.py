@@ -1648,9 +1648,16 @@ def test_unknown_path_is_404_and_wrong_method_is_405(proxy):
     assert request(proxy, "DELETE", "/v1/models").status == 405
 
 
-def test_head_warm_up_is_answered(proxy):
-    assert request(proxy, "HEAD", "/").status == 200
-    assert request(proxy, "HEAD", "/api/hello").status == 200
+def test_head_follows_get_rules_and_warm_up_needs_no_token(gemini, start_proxy):
+    guarded = start_proxy(make_config(gemini, proxy_auth_token="s3cret"))
+    for path, status in [("/", 200), ("/health", 200), ("/v1/models", 401), ("/metrics", 401),
+                         ("/api/hello", 404), ("/v1/messages", 405)]:
+        replies = exchange(guarded, b"HEAD %s HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode()
+                           + HEALTH, replies=2)
+        assert [r.status for r in replies] == [status, 200], path
+        assert replies[0].body == b"" and int(replies[0].headers["content-length"]) > 0
+    token = {"x-api-key": "s3cret"}
+    assert request(guarded, "HEAD", "/v1/models", headers=token).status == 200
 
 
 def test_bad_json_gets_400_and_next_request_works(gemini, proxy):
@@ -1847,6 +1854,229 @@ def test_debug_logs_redact_keys_and_base64(gemini, start_proxy, caplog):
     logged = "\n".join(r.getMessage() for r in caplog.records)
     assert "upstream POST" in logged and "/v1/messages 200" in logged
     assert "AIzaSecretKey" not in logged and "tok-123" not in logged and png[:40] not in logged
+
+
+# == HTTP handler: framing, bounds, injection =================================
+# Raw sockets: what a hostile client (or a keep-alive pool shared by clients) sends.
+
+HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+class RawReply:
+    def __init__(self, status, headers, body):
+        self.status, self.headers, self.body = status, headers, body
+
+
+def parse_replies(data, head_only=()):
+    """Split raw bytes into replies (Content-Length or chunked framed); 1xx replies included."""
+    replies = []
+    while data:
+        head, sep, data = data.partition(b"\r\n\r\n")
+        assert sep, head
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        if status < 200 or len(replies) in head_only:
+            body = b""
+        elif headers.get("transfer-encoding") == "chunked":
+            body = b""
+            while True:
+                size_line, _, data = data.partition(b"\r\n")
+                size = int(size_line, 16)
+                body, data = body + data[:size], data[size + 2:]
+                if not size:
+                    break
+        elif "content-length" in headers:
+            size = int(headers["content-length"])
+            body, data = data[:size], data[size:]
+        else:
+            body, data = data, b""
+        replies.append(RawReply(status, headers, body))
+    return replies
+
+
+def exchange(proxy, data, replies=None, timeout=5.0, head_only=None):
+    """Send raw bytes; return the parsed replies once the proxy closed (or `replies` came)."""
+    head_only = head_only if head_only is not None else (0,) if data.startswith(b"HEAD") else ()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=timeout) as sock:
+        sock.sendall(data)
+        received = read_until(sock, lambda got: replies and _complete(got, replies, head_only))
+    return parse_replies(received, head_only)
+
+
+def _complete(received, count, head_only):
+    try:
+        return len(parse_replies(received, head_only)) >= count
+    except (AssertionError, ValueError, IndexError):
+        return False
+
+
+def read_until(sock, done, deadline=5.0):
+    """Return what the socket gave until `done(received)`, EOF or the deadline."""
+    received, end = b"", time.monotonic() + deadline
+    while not done(received) and time.monotonic() < end:
+        try:
+            piece = sock.recv(65536)
+        except (ConnectionResetError, socket.timeout):
+            break
+        if not piece:
+            break
+        received += piece
+    return received
+
+
+def closed_by_peer(sock, within=2.0):
+    sock.settimeout(within)
+    try:
+        return read_until(sock, lambda got: False, within) is not None and sock.recv(1) == b""
+    except (ConnectionResetError, socket.timeout, OSError):
+        return True
+
+
+def inner_request(path, extra=b""):
+    return b"GET %s HTTP/1.1\r\nHost: x\r\n%s\r\n" % (path, extra)
+
+
+@pytest.mark.parametrize("method,path,status", [
+    (b"GET", b"/health", 200), (b"GET", b"/nothing", 404), (b"GET", b"/v1/messages", 405),
+    (b"HEAD", b"/", 200), (b"POST", b"/v1/models", 405), (b"POST", b"/v1/messages", 401),
+])
+def test_unread_body_is_thrown_away_never_parsed_as_a_request(gemini, start_proxy, method,
+                                                              path, status):
+    guarded = start_proxy(make_config(gemini, proxy_auth_token="s3cret"))
+    smuggled = inner_request(b"/metrics") + b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n" \
+        b"x-api-key: s3cret\r\nContent-Length: 2\r\n\r\n{}"
+    head = b"%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % (method, path,
+                                                                          len(smuggled))
+    replies = exchange(guarded, head + smuggled + HEALTH, replies=2)
+    assert [r.status for r in replies] == [status, 200]
+    assert replies[1].body == b'{"status":"ok"}' and gemini.requests == []
+
+
+def test_body_past_the_discard_limit_closes_the_connection(gemini, proxy):
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"GET /nothing HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n")
+        sock.sendall(b"x" * 100000)
+        replies = parse_replies(read_until(sock, lambda got: b"}}" in got))
+        assert replies[0].status == 404 and replies[0].headers["connection"] == "close"
+        sock.sendall(b"y" * 1000)  # it lingers: the rest is read and dropped, then EOF
+        assert closed_by_peer(sock)
+
+
+def test_a_body_trickling_past_the_discard_time_closes_the_connection(gemini, start_proxy):
+    quick = start_proxy(make_config(gemini, discard_timeout=0.2))
+    with socket.create_connection(("127.0.0.1", quick.port), timeout=5) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nabc")
+        started = time.monotonic()
+        replies = parse_replies(read_until(sock, lambda got: b"}" in got))
+        assert replies[0].status == 200 and replies[0].headers["connection"] == "close"
+        assert time.monotonic() - started < 1.5 and closed_by_peer(sock)
+
+
+@pytest.mark.parametrize("framing", [
+    b"Content-Length: +2", b"Content-Length: 0_2", b"Content-Length:  2", b"Content-Length: 2 ",
+    b"Content-Length: 2\r\nContent-Length: 3", b"Content-Length : 2", b"Content-Length: 0x2",
+    b"Content-Length: \xb2", b"Transfer-Encoding: chunked\r\nContent-Length: 2",
+    b"Transfer-Encoding: gzip", b"Transfer-Encoding: gzip, chunked", b" Folded: header",
+    b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked", b"No colon here",
+])
+def test_ambiguous_framing_is_400_and_close(gemini, proxy, framing):
+    data = b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n%s\r\n\r\n{}" % framing + HEALTH
+    replies = exchange(proxy, data)
+    assert [r.status for r in replies] == [400], framing
+    assert replies[0].headers["connection"] == "close" and gemini.requests == []
+    assert json.loads(replies[0].body)["error"]["type"] == "invalid_request_error"
+
+
+def test_duplicate_equal_content_length_is_one_value(gemini, proxy):
+    body = json.dumps(messages_body()).encode()
+    data = b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n" \
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), len(body), body)
+    assert [r.status for r in exchange(proxy, data + HEALTH, replies=2)] == [200, 200]
+
+
+def chunked(body, size=7):
+    pieces = [body[i:i + size] for i in range(0, len(body), size)]
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
+
+
+def test_chunked_body_is_decoded_and_the_connection_goes_on(gemini, proxy):
+    body = json.dumps(messages_body("chunked hello")).encode()
+    data = b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    replies = exchange(proxy, data + chunked(body) + HEALTH, replies=2)
+    assert [r.status for r in replies] == [200, 200]
+    assert gemini.bodies[0]["contents"][0]["parts"][0]["text"] == "chunked hello"
+
+
+@pytest.mark.parametrize("chunks,status", [
+    (b"400\r\n" + b"x" * 1024 + b"\r\n0\r\n\r\n", 413), (b"+5\r\nhello\r\n0\r\n\r\n", 400),
+    (b"5\r\nhelloXX0\r\n\r\n", 400), (b"zz\r\n", 400),
+], ids=["over-limit", "plus-sign", "no-crlf", "not-hex"])
+def test_chunked_body_over_limit_or_malformed_is_refused(gemini, start_proxy, chunks, status):
+    small = start_proxy(make_config(gemini, max_request_bytes=1000))
+    data = b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    replies = exchange(small, data + chunks + HEALTH, replies=2)
+    assert [r.status for r in replies] == [status, 200] if status == 413 else [status]
+    assert gemini.requests == []
+
+
+def test_post_without_length_is_411(gemini, proxy):
+    replies = exchange(proxy, b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n\r\n" + HEALTH, 2)
+    assert [r.status for r in replies] == [411, 200]
+
+
+def test_expect_100_continue_comes_after_auth_and_size_checks(gemini, start_proxy):
+    guarded = start_proxy(make_config(gemini, proxy_auth_token="s3cret", max_request_bytes=5000))
+    body = json.dumps(messages_body()).encode()
+    expect = b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n" \
+        b"Content-Length: %d\r\n%s\r\n"
+    for size, token, status in [(len(body), b"", 401), (6000, b"x-api-key: s3cret\r\n", 413)]:
+        with socket.create_connection(("127.0.0.1", guarded.port), timeout=5) as sock:
+            sock.sendall(expect % (size, token))
+            replies = parse_replies(read_until(sock, lambda got: b"}}" in got))
+            assert [r.status for r in replies] == [status]
+            assert replies[0].headers["connection"] == "close"
+    with socket.create_connection(("127.0.0.1", guarded.port), timeout=5) as sock:
+        sock.sendall(expect % (len(body), b"x-api-key: s3cret\r\n"))
+        assert read_until(sock, lambda got: b"\r\n\r\n" in got) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        replies = parse_replies(read_until(sock, lambda got: b'"end_turn"' in got and
+                                           got.endswith(b"}")))
+        assert replies[0].status == 200 and len(gemini.bodies) == 1
+
+
+def test_http_0_9_request_is_400_and_closed_at_once(proxy):
+    started = time.monotonic()
+    replies = exchange(proxy, b"GET /health\r\n")
+    assert [r.status for r in replies] == [400] and time.monotonic() - started < 1
+
+
+@pytest.mark.parametrize("line,status", [(b"GET /health HTTP/2.0", 505), (b"GET /health HTTP/1.2",
+                                          400), (b"GET /health HTTP/1.1", 400)])
+def test_bad_versions_and_a_missing_host_are_refused(proxy, line, status):
+    assert [r.status for r in exchange(proxy, line + b"\r\n\r\n")] == [status]
+
+
+def test_http_1_0_gets_its_answer_and_a_close(gemini, proxy):
+    replies = exchange(proxy, b"GET /health HTTP/1.0\r\n\r\n" + HEALTH)
+    assert [r.status for r in replies] == [200] and replies[0].headers["connection"] == "close"
+
+
+@pytest.mark.parametrize("headers", [
+    b"".join(b"X-H%d: v\r\n" % i for i in range(100)),  # 101 lines with Host
+    b"X-A: %s\r\nX-B: %s\r\n" % (b"a" * 33000, b"b" * 33000),
+    b"X-A: %s\r\n" % (b"a" * 70000),
+], ids=["101-lines", "66-kib-in-two", "one-70-kib-line"])
+def test_headers_past_100_lines_or_64_kib_are_431(proxy, headers):
+    replies = exchange(proxy, b"GET /health HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n")
+    assert [r.status for r in replies] == [431] and replies[0].headers["connection"] == "close"
+
+
+def test_100_headers_in_64_kib_are_served(proxy):
+    headers = b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 500) for i in range(99))
+    replies = exchange(proxy, b"GET /health HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n" + HEALTH,
+                       replies=2)
+    assert [r.status for r in replies] == [200, 200]
 
 
 # == HTTP handler: streaming ================================================
