@@ -78,6 +78,11 @@ import urllib.parse
 from collections import OrderedDict, namedtuple
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+try:
+    import resource  # Unix: the file-descriptor limit MAX_CONNECTIONS derives from
+except ImportError:  # pragma: no cover (Windows)
+    resource = None
+
 __version__ = "1.0.0"
 __all__ = [
     "Config", "read_config", "map_model", "ProxyError", "UpstreamError", "Carried",
@@ -3395,6 +3400,42 @@ def body_framing(lines: list, version: str) -> tuple:
     return (lengths.pop() if lengths else None), False
 
 
+# A parsed JSON value takes up to ~100 bytes ([{}, ...] is 3 bytes a dict of 64, plus its list
+# slot), so a body is charged its length plus this per comma, counted before json.loads.
+JSON_VALUE_BYTES = 96
+
+
+class InflightBytes:
+    """Request bytes held at once (MAX_INFLIGHT_BYTES): a body waits briefly for room, then 529."""
+
+    def __init__(self, limit: int, wait: float):
+        self.limit = limit
+        self.wait = wait
+        self.held = 0
+        self._room = threading.Condition(threading.Lock())
+
+    def take(self, size: int) -> None:
+        if size > self.limit:
+            raise ProxyError(413, "request_too_large", f"the request takes {size} bytes to hold "
+                             f"and parse; the limit is {self.limit}", {"x-should-retry": "false"})
+        deadline = time.monotonic() + self.wait
+        with self._room:
+            while self.held + size > self.limit:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ProxyError(529, "overloaded_error", "the proxy holds too many request "
+                                     "bodies (MAX_INFLIGHT_BYTES); retry shortly",
+                                     {"retry-after": "1"})
+                self._room.wait(remaining)
+            self.held += size
+
+    def give_back(self, size: int) -> None:
+        if size:
+            with self._room:
+                self.held -= size
+                self._room.notify_all()
+
+
 class RequestBody:
     """A request body exactly as framed (Content-Length or chunked), read once, in pieces.
 
@@ -3831,6 +3872,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.started_at = time.monotonic()
         self.stream = None
         self.status, self.gemini_model, self.usage, self.prompt_tokens = 0, "-", None, 0
+        self.held_bytes = 0
         with server.lock:
             server.active_requests += 1
         try:
@@ -3840,6 +3882,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         except Exception as exc:  # the one place an exception becomes a response
             self.answer_error(exc)
         finally:
+            server.inflight.give_back(self.held_bytes)
             with server.lock:
                 server.active_requests -= 1
             self.log_access(method)
@@ -3922,6 +3965,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
             ),
             "streams_open": ("gauge", "Client streams in flight.", len(server.watch.streams)),
             "requests_in_flight": ("gauge", "Requests being served.", server.active_requests),
+            "connections_open": ("gauge", "Client connections open.", server.connections),
+            "connections_refused_total": (
+                "counter", "Connections answered 529 past MAX_CONNECTIONS.",
+                server.connections_refused),
             "signatures_cached": (
                 "gauge",
                 "Entries in the signature LRU.",
@@ -4046,6 +4093,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def read_json(self, limit: int = 0):
         """Return the parsed JSON body; raise ProxyError for a missing, huge or broken one."""
         data = self.read_body(limit)
+        self.hold(JSON_VALUE_BYTES * data.count(b","))  # what the parsed values will take
         try:
             return json.loads(data)
         except ValueError as exc:
@@ -4059,11 +4107,24 @@ class ProxyHandler(BaseHTTPRequestHandler):
         return lambda _size: next(pieces, b"")
 
     def read_body(self, limit: int = 0) -> bytes:
-        """Return the whole request body; 411 without framing, 413 past MAX_REQUEST_BYTES."""
+        """Return the whole request body, held within MAX_INFLIGHT_BYTES; 411 without framing."""
         self._check_framed()
-        data = self.body.read(limit or self.server.config.max_request_bytes)
+        body, limit = self.body, limit or self.server.config.max_request_bytes
+        if body.length is not None:
+            self.hold(body.length if body.length <= limit else 0)  # past the limit: 413 next
+            data = body.read(limit)
+        else:
+            pieces = []
+            for piece in body.pieces(limit):
+                self.hold(len(piece))
+                pieces.append(piece)
+            data = b"".join(pieces)
         self.body_size = len(data)
         return data
+
+    def hold(self, size: int) -> None:
+        self.server.inflight.take(size)
+        self.held_bytes += size
 
     def _check_framed(self) -> None:
         if self.body.length is None and not self.body.chunked:
@@ -4164,6 +4225,33 @@ class ProxyHandler(BaseHTTPRequestHandler):
 # == Main =====================================================================
 # build_server() binds and wires the parts; main() adds configuration, logging and signals.
 
+FD_RESERVE = 32  # descriptors kept for the listener, logs, stdio, CA files, token command
+ACCEPT_BACKOFF = 0.05  # seconds the accept loop rests while the process is out of descriptors
+ACCEPT_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+def max_connections_for(fd_limit: int, pooled: int) -> int:
+    """Return the client connections a descriptor limit allows: each may hold an upstream one."""
+    return max(1, (fd_limit - FD_RESERVE - pooled) // 2)
+
+
+def _fd_limit() -> int:
+    if resource is None:
+        return 1024
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return soft if 0 < soft < 1 << 20 else 1 << 20
+
+
+def _overloaded_answer() -> bytes:
+    body = json.dumps(ProxyError(529, "overloaded_error", "the proxy is at MAX_CONNECTIONS; "
+                                 "retry shortly").body(), separators=(",", ":")).encode()
+    return (b"HTTP/1.1 529 Overloaded\r\nContent-Type: application/json\r\nretry-after: 1\r\n"
+            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
+
+OVERLOADED_ANSWER = _overloaded_answer()
+
+
 class ProxyServer(ThreadingHTTPServer):
     """The listening server and the parts its handlers share."""
 
@@ -4182,9 +4270,64 @@ class ProxyServer(ThreadingHTTPServer):
         self.watch = StreamWatch(config.ping_interval)
         self.models = ModelCatalog(self.upstream, config)
         self.batches = BatchService(self.upstream, config, self.signatures)
+        self.inflight = InflightBytes(config.max_inflight_bytes, config.inflight_wait)
         self.lock = threading.Lock()
         self.active_requests = 0
         self.draining = False
+        self.max_connections = config.max_connections or max_connections_for(
+            _fd_limit(), UpstreamClient.max_idle)
+        self.connections = 0
+        self.connections_refused = 0
+        self.accept_failing = False  # one log line per episode of EMFILE/ENFILE
+
+    def get_request(self) -> tuple:
+        try:
+            accepted = self.socket.accept()
+        except OSError as exc:
+            if exc.errno in ACCEPT_RESOURCE_ERRORS:
+                if not self.accept_failing:
+                    log.warning("accept() failed (%s): resting %.0f ms per try until descriptors "
+                                "free up", exc.strerror, ACCEPT_BACKOFF * 1000)
+                self.accept_failing = True
+                time.sleep(ACCEPT_BACKOFF)  # the listener stays readable: do not spin a core
+            raise
+        if self.accept_failing:
+            log.warning("accept() works again")
+            self.accept_failing = False
+        return accepted
+
+    def process_request(self, request, client_address) -> None:
+        with self.lock:
+            admitted = self.connections < self.max_connections
+            self.connections += admitted
+            self.connections_refused += not admitted
+        if not admitted:
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            with self.lock:
+                self.connections -= 1
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.lock:
+                self.connections -= 1
+
+    def _refuse(self, request: socket.socket) -> None:
+        """Answer past MAX_CONNECTIONS at once, without a thread: 529, then close."""
+        try:
+            request.setblocking(False)
+            request.send(OVERLOADED_ANSWER)
+            request.shutdown(socket.SHUT_WR)
+            request.recv(65536)  # what already arrived, so the close sends no reset over the 529
+        except OSError:
+            pass
+        request.close()
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind looks the host name up in DNS, which can stall start-up.

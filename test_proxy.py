@@ -5,6 +5,7 @@ Run: python3 -m pip install pytest && python3 -m pytest -q
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import http.client
 import json
@@ -2077,6 +2078,129 @@ def test_100_headers_in_64_kib_are_served(proxy):
     replies = exchange(proxy, b"GET /health HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n" + HEALTH,
                        replies=2)
     assert [r.status for r in replies] == [200, 200]
+
+
+def test_headers_trickled_past_header_timeout_get_408_and_close(gemini, start_proxy):
+    quick = start_proxy(make_config(gemini, header_timeout=0.3))
+    with socket.create_connection(("127.0.0.1", quick.port), timeout=5) as sock:
+        started = time.monotonic()
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        for _ in range(4):  # a byte every 0.1 s does not reset the clock
+            time.sleep(0.1)
+            try:
+                sock.sendall(b"X")
+            except OSError:
+                break
+        replies = parse_replies(read_until(sock, lambda got: b"}}" in got))
+        assert [r.status for r in replies] == [408] and replies[0].headers["connection"] == "close"
+        assert time.monotonic() - started < 1.0 and closed_by_peer(sock)
+
+
+def test_body_past_its_deadline_gets_408_and_close(gemini, start_proxy):
+    quick = start_proxy(make_config(gemini, header_timeout=0.3))
+    with socket.create_connection(("127.0.0.1", quick.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        started = time.monotonic()
+        replies = parse_replies(read_until(sock, lambda got: b"}}" in got))
+        assert [r.status for r in replies] == [408] and replies[0].headers["connection"] == "close"
+        assert 0.3 < time.monotonic() - started < 1.2 and closed_by_peer(sock)
+    assert gemini.requests == []
+
+
+def test_idle_keep_alive_connection_closes_after_idle_timeout(gemini, start_proxy):
+    quick = start_proxy(make_config(gemini, idle_timeout=0.3))
+    with socket.create_connection(("127.0.0.1", quick.port), timeout=5) as sock:
+        sock.sendall(HEALTH)
+        assert b'{"status":"ok"}' in read_until(sock, lambda got: got.endswith(b"}"))
+        started = time.monotonic()
+        assert read_until(sock, lambda got: False, deadline=2) == b""  # closed without a word
+        assert 0.25 < time.monotonic() - started < 1.0
+
+
+def test_connections_past_max_connections_get_a_fast_529_and_close(gemini, start_proxy):
+    capped = start_proxy(make_config(gemini, max_connections=2))
+    held = [socket.create_connection(("127.0.0.1", capped.port), timeout=5) for _ in range(2)]
+    for sock in held:
+        sock.sendall(HEALTH)
+        assert read_until(sock, lambda got: got.endswith(b"}")).startswith(b"HTTP/1.1 200")
+    started = time.monotonic()
+    replies = exchange(capped, HEALTH)
+    assert [r.status for r in replies] == [529] and time.monotonic() - started < 0.5
+    assert replies[0].headers["retry-after"] == "1" and replies[0].headers["connection"] == "close"
+    assert json.loads(replies[0].body)["error"]["type"] == "overloaded_error"
+    held.pop().close()
+    deadline = time.monotonic() + 2
+    while capped.server.connections > 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [r.status for r in exchange(capped, HEALTH, replies=1)] == [200]
+    assert capped.server.connections_refused == 1
+    held[0].close()
+
+
+def test_max_connections_default_leaves_an_upstream_socket_per_connection():
+    assert cgp.max_connections_for(1024, 64) == (1024 - cgp.FD_RESERVE - 64) // 2
+    assert cgp.max_connections_for(10, 64) == 1
+    assert cgp.Config().max_connections == 0  # derived at start from ulimit -n
+
+
+class FailingListener:
+    """The listening socket, but accept() fails with EMFILE for a while, as at ulimit -n."""
+
+    def __init__(self, sock, failures):
+        self.sock, self.failures, self.calls = sock, failures, 0
+
+    def accept(self):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return self.sock.accept()
+
+    def __getattr__(self, name):
+        return getattr(self.sock, name)
+
+
+def test_accept_out_of_descriptors_backs_off_and_logs_once(gemini, proxy, caplog):
+    failing = FailingListener(proxy.server.socket, failures=8)
+    proxy.server.socket = failing
+    with caplog.at_level("WARNING", logger="claude_gemini_proxy"):
+        started = time.monotonic()
+        replies = exchange(proxy, HEALTH, replies=1)  # waits while accept() fails, then served
+        elapsed = time.monotonic() - started
+    assert [r.status for r in replies] == [200] and failing.calls == 9
+    assert elapsed >= 8 * cgp.ACCEPT_BACKOFF * 0.9  # rested between tries instead of spinning
+    lines = [r.getMessage() for r in caplog.records if "accept()" in r.getMessage()]
+    assert len(lines) == 2 and "Too many open files" in lines[0] and "works again" in lines[1]
+    proxy.server.socket = failing.sock
+
+
+def test_bodies_past_max_inflight_bytes_wait_then_get_529(gemini, start_proxy):
+    body = json.dumps(messages_body("x" * 2000)).encode()
+    assert len(body) + cgp.JSON_VALUE_BYTES * body.count(b",") < 2 * len(body)  # one fits
+    tight = start_proxy(make_config(gemini, max_inflight_bytes=2 * len(body) - 1,
+                                    inflight_wait=0.2))
+    head = b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body)
+    with socket.create_connection(("127.0.0.1", tight.port), timeout=5) as slow:
+        slow.sendall(head + body[:10])  # holds its declared length while it trickles
+        deadline = time.monotonic() + 2
+        while tight.server.inflight.held == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        started = time.monotonic()
+        refused = exchange(tight, head + body + HEALTH, replies=2)
+        assert [r.status for r in refused] == [529, 200] and time.monotonic() - started >= 0.2
+        assert refused[0].headers["retry-after"] == "1"
+        slow.sendall(body[10:])
+        assert parse_replies(read_until(slow, lambda got: b"end_turn" in got))[0].status == 200
+    assert [r.status for r in exchange(tight, head + body, replies=1)] == [200]
+    assert tight.server.inflight.held == 0 and len(gemini.bodies) == 2
+
+
+def test_json_that_would_parse_past_max_inflight_bytes_is_413(gemini, start_proxy):
+    tight = start_proxy(make_config(gemini, max_inflight_bytes=100_000))
+    flood = b"[" + b"{}," * 2000 + b"{}]"  # 6 KB of text, 2,001 dicts once parsed
+    replies = exchange(tight, b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                       b"\r\n%s" % (len(flood), flood) + HEALTH, replies=2)
+    assert [r.status for r in replies] == [413, 200] and gemini.requests == []
+    assert tight.server.inflight.held == 0
 
 
 # == HTTP handler: streaming ================================================
