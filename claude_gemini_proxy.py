@@ -163,7 +163,8 @@ class Config:
 REPR_FIELDS = ("host", "port", "auth_type", "default_model", "model_map",
                "max_output_tokens", "stream_mode", "upstream_timeout", "connect_timeout",
                "max_retry_wait", "max_retries", "max_request_bytes", "ping_interval",
-               "client_timeout", "shutdown_grace", "auth_ttl", "no_proxy", "debug")
+               "header_timeout", "idle_timeout", "write_timeout", "max_connections",
+               "max_inflight_bytes", "shutdown_grace", "auth_ttl", "no_proxy", "debug")
 
 
 def _without_userinfo(url: str) -> str:

@@ -1934,6 +1934,16 @@ def closed_by_peer(sock, within=2.0):
         return True
 
 
+def wait_for(condition, within=2.0):
+    """Return True once condition() holds (the handler finishes just after its answer)."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def inner_request(path, extra=b""):
     return b"GET %s HTTP/1.1\r\nHost: x\r\n%s\r\n" % (path, extra)
 
@@ -2129,9 +2139,7 @@ def test_connections_past_max_connections_get_a_fast_529_and_close(gemini, start
     assert replies[0].headers["retry-after"] == "1" and replies[0].headers["connection"] == "close"
     assert json.loads(replies[0].body)["error"]["type"] == "overloaded_error"
     held.pop().close()
-    deadline = time.monotonic() + 2
-    while capped.server.connections > 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert wait_for(lambda: capped.server.connections == 1)
     assert [r.status for r in exchange(capped, HEALTH, replies=1)] == [200]
     assert capped.server.connections_refused == 1
     held[0].close()
@@ -2191,7 +2199,7 @@ def test_bodies_past_max_inflight_bytes_wait_then_get_529(gemini, start_proxy):
         slow.sendall(body[10:])
         assert parse_replies(read_until(slow, lambda got: b"end_turn" in got))[0].status == 200
     assert [r.status for r in exchange(tight, head + body, replies=1)] == [200]
-    assert tight.server.inflight.held == 0 and len(gemini.bodies) == 2
+    assert wait_for(lambda: tight.server.inflight.held == 0) and len(gemini.bodies) == 2
 
 
 def test_json_that_would_parse_past_max_inflight_bytes_is_413(gemini, start_proxy):
@@ -2200,7 +2208,7 @@ def test_json_that_would_parse_past_max_inflight_bytes_is_413(gemini, start_prox
     replies = exchange(tight, b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
                        b"\r\n%s" % (len(flood), flood) + HEALTH, replies=2)
     assert [r.status for r in replies] == [413, 200] and gemini.requests == []
-    assert tight.server.inflight.held == 0
+    assert wait_for(lambda: tight.server.inflight.held == 0)
 
 
 # == HTTP handler: streaming ================================================
