@@ -131,6 +131,7 @@ class FakeGemini:
 
     def __init__(self):
         self.requests = []  # (method, path, headers, body)
+        self.raw_bodies = []  # each POST body's bytes as received
         self.script = []  # Reply objects, used in order; empty: a default text answer
         self.issued = {}  # signature -> model that issued it
         self.sign_calls = True  # sign the first functionCall of each answer, as Gemini 3 does
@@ -190,7 +191,7 @@ class FakeGemini:
                     self.reply(*fake.upload(self.path, self.headers, raw))
                     return
                 body = json.loads(raw)
-                fake.record(self, body)
+                fake.record(self, body, raw)
                 if self.path.startswith("/v1beta/batches/") or ":batchGenerateContent" in self.path:
                     self.reply(*fake.batch_post(self.path, self.headers, body, len(raw)))
                     return
@@ -219,9 +220,11 @@ class FakeGemini:
         self.base = f"http://127.0.0.1:{self.server.server_address[1]}/v1beta"
         threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
-    def record(self, handler, body):
+    def record(self, handler, body, raw=b""):
         with self.lock:
             self.requests.append((handler.command, handler.path, dict(handler.headers), body))
+            if raw:
+                self.raw_bodies.append(raw)
 
     @property
     def bodies(self):
@@ -3571,6 +3574,125 @@ def test_prompt_prefix_is_byte_stable_from_turn_to_turn(gemini, proxy):
         previous = json.dumps(before["contents"])[:-1]
         assert json.dumps(after["contents"]).startswith(previous)  # earlier turns resent byte for byte
     assert all("cc_version" not in raw for raw in raw_bodies)
+
+
+# A 30-turn session in the shapes Claude Code 2.1.197 sent (captures/session, trimmed): the first
+# user turn is [<system-reminder>, prompt], a role:system agent list follows it, later prompts are
+# strings, cache_control sits on the last block of the last message only (so that message is a block
+# list this turn and a string the next), and a role:system task reminder joins the end of the
+# history about every ten messages and stays where it was put.
+CC197_SYSTEM = [
+    {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.197.fb6; cc_entrypoint=sdk-cli;"},
+    {"type": "text", "text": "You are a Claude agent, built on Anthropic's Claude Agent SDK.",
+     "cache_control": {"type": "ephemeral"}},
+    {"type": "text", "text": "\nYou are an interactive agent that helps users with software engineering tasks.\n",
+     "cache_control": {"type": "ephemeral"}}]
+CC197_TOOLS = [
+    {"name": "Bash", "description": "Executes a bash command and returns its output.", "input_schema": {
+        "$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "properties": {
+            "command": {"description": "The command to execute", "type": "string"},
+            "timeout": {"description": "Optional timeout in milliseconds (max 600000)", "type": "number"}},
+        "required": ["command"], "additionalProperties": False}},
+    {"name": "Read", "description": "Reads a file from the local filesystem.", "input_schema": {
+        "$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "properties": {
+            "file_path": {"description": "The absolute path to the file to read", "type": "string"},
+            "limit": {"type": "integer", "exclusiveMinimum": 0, "maximum": 9007199254740991}},
+        "required": ["file_path"], "additionalProperties": False}},
+    {"name": "Write", "description": "Writes a file to the local filesystem.", "input_schema": {
+        "$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object", "properties": {
+            "file_path": {"type": "string"}, "content": {"type": "string"}},
+        "required": ["file_path", "content"], "additionalProperties": False}}]
+CC197_FIRST = [{"type": "text", "text": "<system-reminder>\nAs you answer the user's questions, you can use the "
+                                        "following context:\n# currentDate\nToday's date is 2026-12-01.\n"
+                                        "</system-reminder>\n\n"},
+               {"type": "text", "text": "Create a file named notes.txt containing 'turn one'."}]
+CC197_AGENTS = "Available agent types for the Agent tool:\n- claude: Catch-all for any task. (Tools: *)"
+CC197_TASKS = ("The task tools haven't been used recently. If you're working on tasks that would benefit "
+               "from tracking progress, consider using TaskCreate to add new tasks.\n")
+CC197_HEADERS = {"anthropic-beta": "claude-code-20250219,interleaved-thinking-2025-05-14,thinking-token-count-"
+                                   "2026-05-13,context-management-2025-06-27,mid-conversation-system-2026-04-07,"
+                                   "effort-2025-11-24", "anthropic-version": "2023-06-01", "x-api-key": "sk-test",
+                 "user-agent": "claude-cli/2.1.197 (external, sdk-cli)", "x-app": "cli",
+                 "x-claude-code-session-id": "76cfb5d7-0000-4000-8000-000000000000"}
+
+
+def cc197_reply(turn, awaiting_result):
+    """Return Gemini's scripted answer for a turn: tool rounds, text answers, a thinking round."""
+    if awaiting_result:  # after a tool result: a text answer, signed on a trailing part as Gemini 3 does
+        return Reply(chunk(text("Done.")), chunk(text("", thoughtSignature=new_signature()), finish="STOP"))
+    thought = text("**Planning**\n\nI should handle the request directly.", thought=True,
+                   thoughtSignature=new_signature())
+    if turn % 6 == 4:  # a plain text answer between tool rounds, after some thinking
+        return Reply(chunk(thought), chunk(text(f"Plain answer {turn}."), finish="STOP"))
+    name, args = [("Write", {"file_path": f"/w/f{turn}.txt", "content": f"turn {turn}"}),
+                  ("Bash", {"command": f"echo {turn}"}), ("Read", {"file_path": f"/w/f{turn}.txt"})][turn % 3]
+    parts = [thought] if turn % 2 else [text("Let me do that."), thought]  # text before the call, too
+    return Reply(chunk(*parts), chunk(call(name, args, call_id=f"c{turn}"), finish="STOP"))
+
+
+def cc197_body(history):
+    """Return the request for a history: cache_control on the last block of the last message only."""
+    last = dict(history[-1])
+    blocks = _blocks_of(last["content"])
+    last["content"] = blocks[:-1] + [dict(blocks[-1], cache_control={"type": "ephemeral"})]
+    return {"model": "claude-opus-4-8", "messages": history[:-1] + [last], "system": CC197_SYSTEM,
+            "tools": CC197_TOOLS, "metadata": {"user_id": "{\"device_id\":\"2813\",\"session_id\":\"76cfb5d7\"}"},
+            "max_tokens": 64000, "thinking": {"type": "adaptive"},
+            "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+            "output_config": {"effort": "high"}, "stream": True}
+
+
+def _blocks_of(content):
+    return [{"type": "text", "text": content}] if isinstance(content, str) else list(content)
+
+
+def run_cc197_session(gemini, instances, turns=30):
+    """Drive a Claude Code session; turn i goes to instances(i). Return the raw upstream bodies."""
+    history = [{"role": "user", "content": CC197_FIRST}, {"role": "system", "content": CC197_AGENTS}]
+    awaiting_result = False
+    for turn in range(turns):
+        gemini.script = [cc197_reply(turn, awaiting_result)]
+        answer = post(instances(turn), cc197_body(history), path=CC_PATH, headers=CC197_HEADERS)
+        assert answer.status == 200, answer.raw
+        message = read_sse(answer.raw)[1]
+        history.append({"role": "assistant", "content": message["content"]})
+        tool = message["content"][-1]
+        awaiting_result = tool["type"] == "tool_use"
+        if awaiting_result:
+            history.append({"role": "user", "content": [
+                {"tool_use_id": tool["id"], "type": "tool_result", "content": f"ok {turn}"}]})
+        else:
+            history.append({"role": "user", "content": f"Next task {turn}."})
+        if turn % 10 == 9:  # Claude Code's reminder, at the end of the history, then left in place
+            history.append({"role": "system", "content": CC197_TASKS})
+    return list(gemini.raw_bodies)
+
+
+def test_thirty_claude_code_turns_through_two_instances_then_a_restart_extend_the_prompt(gemini, start_proxy):
+    first, second = start_proxy(make_config(gemini)), start_proxy(make_config(gemini))
+    restarted = []
+
+    def instances(turn):
+        if turn < 20:
+            return (first, second)[turn % 2]
+        if not restarted:
+            first.stop()
+            second.stop()
+            restarted.append(start_proxy(make_config(gemini)))  # a fresh process: empty LRU
+        return restarted[0]
+
+    raw = run_cc197_session(gemini, instances)
+    assert len(raw) == 30
+    for turn, (before, after) in enumerate(zip(raw, raw[1:])):
+        assert before.endswith(b"]}")  # contents is the last key
+        assert after.startswith(before[:-2]), f"turn {turn + 1} rewrote the prompt of turn {turn}"
+    last = gemini.bodies[-1]
+    assert "systemInstruction" in last and len(last["systemInstruction"]["parts"]) == 2
+    notes = [p["text"] for c in last["contents"] for p in c["parts"] if "system-message" in p.get("text", "")]
+    assert len(notes) == 3 and sum(CC197_TASKS in n for n in notes) == 2  # each reminder once, in place
+    thoughts = [p for c in last["contents"] for p in c["parts"] if p.get("thought")]
+    assert thoughts and all(p["thoughtSignature"] in gemini.issued for p in thoughts)
+    assert gemini.bypassed == 0 and "cc_version" not in raw[-1].decode()
 
 
 # == Messages API surface, late 2026: new blocks ==============================
