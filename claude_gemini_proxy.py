@@ -888,6 +888,29 @@ def _file_data(source: dict, where: str, key: bytes) -> dict:
     return {"fileData": {"mimeType": mime_type, "fileUri": uri}}
 
 
+def _code_execution_parts(block: dict) -> list:
+    """Return the executableCode / codeExecutionResult part of a code execution block in an
+    assistant turn; other server tools' blocks have no Gemini form."""
+    if block["type"] == "server_tool_use":  # {id, name, input: {code}}
+        code = block.get("input").get("code") if isinstance(block.get("input"), dict) else None
+        if block.get("name") != "code_execution" or not isinstance(code, str):
+            return []
+        return [{"executableCode": {"language": "PYTHON", "code": code}}]
+    result = block.get("content")  # {tool_use_id, content: result or error}
+    result = result if isinstance(result, dict) else {}
+    if result.get("type") == "code_execution_result":  # {stdout, stderr, return_code}
+        failed = result.get("return_code") != 0
+        output = (result.get("stderr") if failed else result.get("stdout")) or ""
+        return [{"codeExecutionResult": {"outcome": "OUTCOME_FAILED" if failed else "OUTCOME_OK",
+                                         "output": str(output)}}]
+    if result.get("type") == "code_execution_tool_result_error":  # {error_code}
+        timed_out = result.get("error_code") == "execution_time_exceeded"
+        return [{"codeExecutionResult": {
+            "outcome": "OUTCOME_DEADLINE_EXCEEDED" if timed_out else "OUTCOME_FAILED",
+            "output": str(result.get("error_code") or "")}}]
+    return []  # encrypted_code_execution_result: only Anthropic can read it
+
+
 def _tool_result_parts(
     block: dict, call: tuple | None, new_media: bool, where: str, key: bytes
 ) -> tuple:
@@ -981,6 +1004,8 @@ class _HistoryTranslator:
                 parts.append(self._call_part(block, f"{where}.content.{i}"))
             elif kind == "mid_conv_system":  # {content: [text]}: the model must not say it
                 self.notes.extend(_system_note(block.get("content"), f"{where}.content.{i}"))
+            elif kind in ("server_tool_use", "code_execution_tool_result"):
+                parts.extend(_code_execution_parts(block))  # the model's own runs, as it made them
             else:  # compaction, server artefacts, newer blocks
                 parts.extend(_other_block_parts(block))
         return parts

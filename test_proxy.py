@@ -4340,3 +4340,34 @@ def test_odd_tool_changes_and_metadata_shapes_never_crash(gemini, proxy):
     assert answer.status == 200, answer.raw
     assert [b["type"] for b in answer.json["content"]] == ["server_tool_use", "web_search_tool_result", "text"]
     assert answer.json["content"][0]["input"] == {"query": ""} and "citations" not in answer.json["content"][2]
+
+
+def test_code_execution_in_history_goes_back_as_the_parts_gemini_made(gemini, proxy):
+    use = {"type": "server_tool_use", "id": "srvtoolu_1", "name": "code_execution", "input": {"code": "print(2)"}}
+    history = [
+        {"role": "user", "content": "Run code."},
+        {"role": "assistant", "content": [
+            {"type": "text", "text": "Running."}, use,
+            {"type": "code_execution_tool_result", "tool_use_id": "srvtoolu_1", "content": {
+                "type": "code_execution_result", "stdout": "2\n", "stderr": "", "return_code": 0, "content": []}},
+            dict(use, id="srvtoolu_2", input={"code": "1/0"}),
+            {"type": "code_execution_tool_result", "tool_use_id": "srvtoolu_2", "content": {
+                "type": "code_execution_result", "stdout": "", "stderr": "ZeroDivisionError", "return_code": 1,
+                "content": []}},
+            dict(use, id="srvtoolu_3", input={"code": "while True: pass"}),
+            {"type": "code_execution_tool_result", "tool_use_id": "srvtoolu_3", "content": {
+                "type": "code_execution_tool_result_error", "error_code": "execution_time_exceeded"}},
+            {"type": "server_tool_use", "id": "srvtoolu_4", "name": "web_search", "input": {"query": "q"}},
+            {"type": "text", "text": "Done: 2."}]},
+        {"role": "user", "content": "And again?"}]
+    answer = post(proxy, messages_body(messages=history, tools=[CODE_TOOL]))
+    assert answer.status == 200, answer.raw
+    assert gemini.bodies[-1]["contents"][1] == {"role": "model", "parts": [
+        {"text": "Running."},
+        {"executableCode": {"language": "PYTHON", "code": "print(2)"}},
+        {"codeExecutionResult": {"outcome": "OUTCOME_OK", "output": "2\n"}},
+        {"executableCode": {"language": "PYTHON", "code": "1/0"}},
+        {"codeExecutionResult": {"outcome": "OUTCOME_FAILED", "output": "ZeroDivisionError"}},
+        {"executableCode": {"language": "PYTHON", "code": "while True: pass"}},
+        {"codeExecutionResult": {"outcome": "OUTCOME_DEADLINE_EXCEEDED", "output": "execution_time_exceeded"}},
+        {"text": "Done: 2."}]}
