@@ -418,6 +418,11 @@ def parse_retry_delay(error: dict) -> float | None:
     return None
 
 
+def backoff_seconds(attempt: int) -> float:
+    """Return the wait before retry `attempt` (from 0) of a failing upstream, with jitter."""
+    return min(0.5 * 2 ** attempt, 8.0) * (1 + random.random() / 4)
+
+
 def upstream_error(status: int, payload: bytes) -> UpstreamError:
     """Return the UpstreamError for a Gemini error response."""
     try:
@@ -442,7 +447,10 @@ def upstream_error(status: int, payload: bytes) -> UpstreamError:
     else:
         message = f"Gemini: {message}" if message else f"Gemini answered HTTP {status}"
     if client_status in (429, 529):
-        wait = int(retry_delay + 0.999) if retry_delay else DEFAULT_RETRY_AFTER
+        if retry_delay:
+            wait = int(retry_delay + 0.999)
+        else:  # an overloaded Gemini recovers in seconds: the proxy's own next backoff
+            wait = int(backoff_seconds(1) + 0.999) if client_status == 529 else DEFAULT_RETRY_AFTER
         headers["retry-after"] = str(max(1, wait))
     if status in NOT_RETRYABLE:
         headers["x-should-retry"] = "false"
@@ -688,6 +696,10 @@ class GeminiRequest:
         """True when the answer is read whole: search and fetch blocks, built from metadata
         Gemini sends at the end, must come before the text."""
         return bool(self.web_search or self.server_tools.get("web_fetch"))
+
+    def edited(self) -> None:
+        """Forget the serialized body: a self-healing retry changed it."""
+        self._payload = None
 
     def payload(self) -> bytes:
         """Return the body's bytes as sent upstream (serialized once, whatever asks first)."""
@@ -953,10 +965,10 @@ def _part_mime(part: dict) -> str:
 class _HistoryTranslator:
     """Walks the messages once, turning blocks into Gemini contents for one target model."""
 
-    def __init__(self, model: str, signatures: SignatureStore):
+    def __init__(self, model: str, signatures: SignatureStore, rules_model: str):
         self.model = model
         self.signatures = signatures
-        self.new_media = model_version(model) >= (3, 0)
+        self.new_media = model_version(rules_model) >= (3, 0)
         self.contents: list = []
         self.notes: list = []  # an assistant message's system notes, for the user turn after it
         self.pending: OrderedDict = OrderedDict()  # tool_use id -> (gemini name, call id)
@@ -1414,10 +1426,12 @@ def _lowest_level(model: str) -> str:
     return "MINIMAL" if "flash" in model and model_version(model) < (3, 7) else "LOW"
 
 
-def _generation_config(body: dict, model: str, config: Config) -> dict:
+def _generation_config(body: dict, model: str, config: Config, model_info: dict) -> dict:
     max_tokens = body.get("max_tokens")
     max_tokens = DEFAULT_MAX_TOKENS if max_tokens is None else max(1, max_tokens)
-    generation = {"maxOutputTokens": min(max_tokens, config.max_output_tokens)}
+    limit = model_info.get("outputTokenLimit")
+    limit = limit if isinstance(limit, int) and limit > 0 else config.max_output_tokens
+    generation = {"maxOutputTokens": min(max_tokens, config.max_output_tokens, limit)}
     # No stopSequences: Gemini would not say which one it stopped on, so the response side
     # cuts every one and reports it (ResponseFold._text), reading the answer as a stream.
     if model_version(model) < (3, 6):  # 3.6+ ignores or rejects custom sampling values
@@ -1498,11 +1512,17 @@ def _function_calling(choice: dict, names: dict) -> dict:
     return calling
 
 
-def to_gemini_request(body: dict, config: Config, signatures: SignatureStore) -> GeminiRequest:
-    """Return the Gemini request for an Anthropic Messages body; raise ProxyError when invalid."""
+def to_gemini_request(body: dict, config: Config, signatures: SignatureStore, model: str = "",
+                      rules_model: str = "", model_info: dict | None = None) -> GeminiRequest:
+    """Return the Gemini request for an Anthropic Messages body; raise ProxyError when invalid.
+
+    `model` overrides the routing (a fallback); `rules_model` is the model known to serve it
+    (Gemini's modelVersion), whose rules apply; `model_info` is that model's entry in Gemini's
+    model list (token limits, whether it thinks)."""
     _check_body(body)
-    model = map_model(body["model"], config)
-    history = _HistoryTranslator(model, signatures)
+    model = model or map_model(body["model"], config)
+    rules = rules_model or model
+    history = _HistoryTranslator(model, signatures, rules)
     for i, message in enumerate(body["messages"]):
         history.add(message, f"messages.{i}")
     contents = history.finish()
@@ -1517,8 +1537,10 @@ def to_gemini_request(body: dict, config: Config, signatures: SignatureStore) ->
     if system:
         gemini_body["systemInstruction"] = {"parts": [{"text": text} for text in system]}
     gemini_body.update(model_tools)
-    generation = _generation_config(body, model, config)
-    thinking_config, thinking = _thinking_config(body, model)
+    generation = _generation_config(body, rules, config, model_info or {})
+    thinking_config, thinking = _thinking_config(body, rules)
+    if (model_info or {}).get("thinking") is False:  # the model list says it cannot think
+        thinking_config, thinking = None, ""
     if thinking_config:
         generation["thinkingConfig"] = thinking_config
     gemini_body["generationConfig"] = generation
@@ -1598,6 +1620,7 @@ class ResponseFold:
         self.citations: list = []  # Google Search citations not yet placed on a text block
         self.usage_metadata: dict = {}
         self.done = False  # a stop sequence matched: read no further
+        self.model_version = ""  # the model Gemini says served the answer
 
     def start(self) -> list:
         """Return the message_start event."""
@@ -1622,6 +1645,8 @@ class ResponseFold:
         events = []
         if chunk.get("usageMetadata"):
             self.usage_metadata = chunk["usageMetadata"]  # cumulative: the last one wins
+        if isinstance(chunk.get("modelVersion"), str):
+            self.model_version = chunk["modelVersion"]
         block_reason = (chunk.get("promptFeedback") or {}).get("blockReason")
         if block_reason:
             self.blocked = block_reason
@@ -2434,7 +2459,7 @@ class UpstreamClient:
         if error.retry_delay is not None:
             wait = error.retry_delay
         else:
-            wait = min(0.5 * 2 ** attempt, 8.0) * (1 + random.random() / 4)
+            wait = backoff_seconds(attempt)
         return wait if wait <= self.config.max_retry_wait else None
 
     def _read_all(self, conn, response) -> bytes:
@@ -2826,6 +2851,296 @@ def not_found_message(model: str, closest: list) -> str:
     if closest:
         message += f"; closest available: {', '.join(closest)}"
     return message + "; route the name elsewhere with MODEL_MAP or MODEL_FALLBACKS"
+
+
+MAX_HEALING_RETRIES = 2  # per request; each must change the body, so none can repeat
+FALLBACK_STATUSES = (404, 429, 503)  # a 429 reaches this point only once every key is limited
+THINKING_LEVELS = ("MINIMAL", "LOW", "MEDIUM", "HIGH")
+LEVEL_BUDGETS = {"MINIMAL": 512, "LOW": 1024, "MEDIUM": 8192, "HIGH": 24576}
+SAFETY_CATEGORY_RE = re.compile(r"HARM_CATEGORY_[A-Z_]+")
+BUDGET_RANGE_RE = re.compile(r"between (\d+) and (\d+)|range \[?(\d+)\s*[,-]\s*(\d+)", re.I)
+UNKNOWN_FIELD_RE = re.compile(r"unknown name|cannot find field", re.I)
+# How a Gemini 400 names an optional field the proxy added or passed on, and the field. Fields
+# the answer's meaning depends on (contents, tools, stop sequences, max tokens) are not here.
+HEALABLE_FIELDS = tuple((re.compile(pattern, re.I), field) for pattern, field in (
+    (r"\btemperature\b", "temperature"),
+    (r"\btop_?p\b", "topP"),
+    (r"\btop_?k\b", "topK"),
+    (r"\binclude_?thoughts\b", "includeThoughts"),
+    (r"\bthinking[_ ]?level\b", "thinkingLevel"),
+    (r"\bthinking[_ ]?budget\b", "thinkingBudget"),
+    (r"\bresponse_?json_?schema\b", "responseJsonSchema"),
+    (r"function_?response\.parts|\"parts\" at '[^']*function_?response", "functionResponse.parts"),
+    (r"\bsafety_?settings\b|\bHARM_CATEGORY_", "safetySettings"),
+))
+# What the WARNING says for each kind of fix: (what Gemini refused, what the proxy does).
+FIX_WORDS = {
+    "drop": ("{}", "leaves it out"),
+    "level": ("thinkingLevel {0[0]}", "sends {0[1]}"),
+    "level_as_budget": ("thinkingLevel", "sends thinkingBudget"),
+    "budget_as_level": ("thinkingBudget", "sends thinkingLevel"),
+    "budget_range": ("a thinkingBudget outside {0[0]}..{0[1]}", "clamps it"),
+    "schema_in_prompt": ("responseJsonSchema", "puts the schema in the system instruction"),
+    "safety": ("safety category {}", "leaves it out"),
+    "media_beside": ("media inside functionResponse.parts", "puts it after the responses"),
+}
+
+
+def _generation(body: dict) -> dict:
+    return body.get("generationConfig") or {}
+
+
+def _thinking(body: dict) -> dict:
+    return _generation(body).get("thinkingConfig") or {}
+
+
+def _fix_drop(body: dict, field: str) -> bool:  # {temperature|topP|topK} or includeThoughts
+    holder = _thinking(body) if field == "includeThoughts" else _generation(body)
+    return holder.pop(field, None) is not None
+
+
+def _fix_level(body: dict, levels: tuple) -> bool:  # (refused level, accepted level)
+    thinking = _thinking(body)
+    if thinking.get("thinkingLevel") != levels[0]:
+        return False
+    thinking["thinkingLevel"] = levels[1]
+    return True
+
+
+def _fix_level_as_budget(body: dict, _arg) -> bool:
+    level = _thinking(body).pop("thinkingLevel", None)
+    if level is not None:
+        _thinking(body)["thinkingBudget"] = LEVEL_BUDGETS.get(level, 8192)
+    return level is not None
+
+
+def _fix_budget_as_level(body: dict, _arg) -> bool:
+    budget = _thinking(body).pop("thinkingBudget", None)
+    if isinstance(budget, int):
+        _thinking(body)["thinkingLevel"] = (
+            "LOW" if budget <= 4096 else "MEDIUM" if budget <= 16384 else "HIGH")
+    return budget is not None
+
+
+def _fix_budget_range(body: dict, bounds: tuple) -> bool:
+    thinking = _thinking(body)
+    budget = thinking.get("thinkingBudget")
+    if not isinstance(budget, int) or bounds[0] <= budget <= bounds[1]:
+        return False
+    thinking["thinkingBudget"] = min(max(budget, bounds[0]), bounds[1])
+    return True
+
+
+def _fix_schema_in_prompt(body: dict, _arg) -> bool:
+    schema = _generation(body).pop("responseJsonSchema", None)
+    if schema is None:
+        return False
+    system = body.get("systemInstruction") or {"parts": []}
+    text = "Answer with JSON matching this JSON Schema: " + json.dumps(schema, ensure_ascii=False)
+    rest = {k: v for k, v in body.items() if k != "systemInstruction"}
+    body.clear()  # the system instruction stays first, where the cacheable prefix starts
+    body["systemInstruction"] = {"parts": list(system["parts"]) + [{"text": text}]}
+    body.update(rest)
+    return True
+
+
+def _fix_safety(body: dict, category: str) -> bool:
+    settings = body.get("safetySettings") or []
+    kept = [s for s in settings if s.get("category") != category]
+    body["safetySettings"] = kept  # a new list: SAFETY_OFF itself is shared
+    return len(kept) < len(settings)
+
+
+def _fix_media_beside(body: dict, _arg) -> bool:
+    changed = False
+    for content in body.get("contents") or ():
+        parts, moved = content["parts"], []
+        for part in parts:
+            response = part.get("functionResponse")
+            if isinstance(response, dict) and response.get("parts"):
+                moved.extend(response.pop("parts"))
+        if moved:  # as older models get them: after the turn's responses
+            at = sum(1 for part in parts if "functionResponse" in part)
+            content["parts"] = parts[:at] + moved + parts[at:]
+            changed = True
+    return changed
+
+
+FIXES = {"drop": _fix_drop, "level": _fix_level, "level_as_budget": _fix_level_as_budget,
+         "budget_as_level": _fix_budget_as_level, "budget_range": _fix_budget_range,
+         "schema_in_prompt": _fix_schema_in_prompt, "safety": _fix_safety,
+         "media_beside": _fix_media_beside}
+
+
+def apply_fix(body: dict, fix: tuple) -> bool:
+    """Apply a learnt fix (kind, argument) to a Gemini body; return True if it changed it."""
+    return FIXES[fix[0]](body, fix[1])
+
+
+def fix_for(message: str, field: str, body: dict) -> tuple | None:
+    """Return the fix for a Gemini 400 `message` that names `field`, or None."""
+    if field in ("temperature", "topP", "topK", "includeThoughts"):
+        return ("drop", field)
+    if field == "thinkingLevel":
+        level = _thinking(body).get("thinkingLevel")
+        if level is None or UNKNOWN_FIELD_RE.search(message):
+            return ("level_as_budget", None)
+        return ("level", (level, _nearest_level(level, message)))
+    if field == "thinkingBudget":
+        bounds = BUDGET_RANGE_RE.search(message)
+        if bounds:
+            numbers = [int(n) for n in bounds.groups() if n]
+            return ("budget_range", (min(numbers), max(numbers)))
+        return ("budget_as_level", None)
+    if field == "responseJsonSchema":
+        return ("schema_in_prompt", None)
+    if field == "functionResponse.parts":
+        return ("media_beside", None)
+    named = SAFETY_CATEGORY_RE.findall(message)
+    return ("safety", named[0]) if named else None
+
+
+def _nearest_level(level: str, message: str) -> str:
+    """Return the level Gemini's message offers nearest to `level`, else one step to MEDIUM."""
+    order = THINKING_LEVELS.index(level) if level in THINKING_LEVELS else len(THINKING_LEVELS)
+    offered = [(abs(i - order), i, name) for i, name in enumerate(THINKING_LEVELS)
+               if name != level and re.search(rf"\b{name}\b", message)]
+    if offered:
+        return min(offered)[2]
+    return THINKING_LEVELS[order + 1 if order < 2 else min(order, len(THINKING_LEVELS)) - 1]
+
+
+def schema_hash(schema) -> str:
+    return hashlib.sha256(json.dumps(schema, sort_keys=True).encode()).hexdigest()
+
+
+class SelfHealing:
+    """What this process learnt about Gemini: fields each model refuses, tool schemas Gemini
+    refuses, which model serves a name; applied to every request, retried once per lesson."""
+
+    def __init__(self, config: Config, signatures: SignatureStore, catalog: ModelCatalog):
+        self.config = config
+        self.signatures = signatures
+        self.catalog = catalog
+        self.fallbacks = dict(config.model_fallbacks)
+        self.fixes: dict = {}  # Gemini model -> [fix, ...]
+        self.repaired: set = set()  # hashes of tool schemas sent reduced
+        self.served: dict = {}  # model asked for -> the modelVersion that answers it
+        self._lock = threading.Lock()
+
+    def translate(self, body, model: str = "") -> GeminiRequest:
+        """Return the Gemini request for a client body (for `model`, else as routed), with the
+        serving model's rules and everything learnt so far."""
+        routed = model
+        if not routed and isinstance(body, dict) and isinstance(body.get("model"), str):
+            routed = map_model(body["model"], self.config)
+        served = self.served.get(routed, "")
+        info = self.catalog.known(served) or self.catalog.known(routed)
+        request = to_gemini_request(body, self.config, self.signatures, model=model,
+                                    rules_model=served, model_info=info)
+        for fix in self.fixes.get(request.model, ()):
+            apply_fix(request.body, fix)
+        if self.repaired and self.config.tool_schema_repair:
+            repaired = self.repaired
+            self._repair(request, lambda d: schema_hash(d["parametersJsonSchema"]) in repaired)
+        return request
+
+    def open(self, upstream: UpstreamClient, request: GeminiRequest, body: dict, live: bool,
+             reason: str = "first") -> tuple:
+        """Return (Gemini's 200 answer, the request it answered). A refusal the proxy can fix
+        is retried fixed; a retired or overloaded model goes once to its MODEL_FALLBACKS model;
+        an error that remains names what the client can act on."""
+        healed, fell_back = 0, False
+        while True:
+            try:
+                answer = upstream.generate(request.model, request.payload(), live, reason)
+                return answer, request
+            except UpstreamError as error:
+                log.debug("Gemini answered HTTP %d for %s: %s", error.upstream_status,
+                          request.model, error.message)
+                reason = "self_heal"
+                if healed < MAX_HEALING_RETRIES and self.heal(request, error):
+                    healed += 1
+                    continue
+                fallback = self.fallbacks.get(request.model)
+                if fallback and not fell_back and error.upstream_status in FALLBACK_STATUSES:
+                    say = log.warning if error.upstream_status == 404 else log.info
+                    say("%s answered HTTP %d; sending the request once to its fallback %s",
+                        request.model, error.upstream_status, fallback)
+                    fell_back = True
+                    request = self.translate(body, fallback)
+                    continue
+                raise self.explain(request, error) from None
+
+    def heal(self, request: GeminiRequest, error: UpstreamError) -> bool:
+        """Change the request so Gemini accepts it, remembering the change; False if none fits."""
+        if error.upstream_status != 400 or error.key_invalid:
+            return False
+        if TOOL_PATH_RE.search(error.message):  # about a tool schema, nothing else
+            return self.config.tool_schema_repair and self._repair_rejected(request, error)
+        for pattern, field in HEALABLE_FIELDS:
+            if pattern.search(error.message):
+                fix = fix_for(error.message, field, request.body)
+                if fix and apply_fix(request.body, fix):
+                    self._learn(request.model, fix, error)
+                    request.edited()
+                    return True
+        return False
+
+    def _repair_rejected(self, request: GeminiRequest, error: UpstreamError) -> bool:
+        rejected = [d for d in rejected_declarations(error, request.body)
+                    if "parametersJsonSchema" in d]
+        hashes = {schema_hash(d["parametersJsonSchema"]) for d in rejected}
+        names = self._repair(request, lambda d: any(d is r for r in rejected))
+        if names:
+            with self._lock:
+                self.repaired.update(hashes)
+            log.warning("tool %s: Gemini rejects its input schema (%s); sent reduced to "
+                        "Gemini's parameters Schema, now and whenever it comes again",
+                        ", ".join(names), error.message)
+        return bool(names)
+
+    def _repair(self, request: GeminiRequest, wanted) -> list:
+        """Reduce the schemas of the declarations `wanted` picks; return their client names."""
+        names = []
+        for tool in request.body.get("tools") or ():
+            declarations = tool.get("functionDeclarations") or []
+            for i, declaration in enumerate(declarations):
+                if "parametersJsonSchema" in declaration and wanted(declaration):
+                    declarations[i] = repaired_declaration(declaration)
+                    names.append(request.tool_names.get(declaration["name"], declaration["name"]))
+        if names:
+            request.edited()
+        return names
+
+    def _learn(self, model: str, fix: tuple, error: UpstreamError) -> None:
+        with self._lock:
+            known = self.fixes.setdefault(model, [])
+            if fix in known:
+                return
+            known.append(fix)
+        what, instead = FIX_WORDS[fix[0]]
+        log.warning("%s refuses %s; the proxy %s for %s from now on (%s)", model,
+                    what.format(fix[1]), instead, model, error.message)
+
+    def explain(self, request: GeminiRequest, error: UpstreamError) -> UpstreamError:
+        """Return the error the client gets: a 404 lists the closest models, a schema 400 names
+        the client's tool."""
+        if error.upstream_status == 404 and "model" in error.message.lower():
+            closest = [m for m in self.catalog.closest(request.model) if m != request.model]
+            return UpstreamError(error.status, error.error_type,
+                                 not_found_message(request.model, closest), error.headers,
+                                 upstream_status=404)
+        return name_rejected_tools(error, request)
+
+    def note_served(self, model: str, version: str) -> None:
+        """Remember that Gemini answers `model` with `version`: its rules apply from now on."""
+        if not version or version.startswith(model) or self.served.get(model) == version:
+            return
+        with self._lock:
+            self.served[model] = version
+        log.info("Gemini serves %s with %s; the proxy follows %s's rules for it",
+                 model, version, version)
 
 
 # == Batches and files ========================================================
@@ -3599,11 +3914,12 @@ class Cancel:
             answer.abort()
 
 
-def run_fold(upstream: UpstreamClient, request: GeminiRequest, fold: ResponseFold, send,
-             live: bool, cancel: Cancel) -> None:
+def run_fold(open_answer, fold: ResponseFold, send, live: bool, cancel: Cancel) -> None:
     """Feed Gemini's answer into the fold, handing each chunk's events to send() as they
-    come; an empty or malformed answer is asked for once more while nothing was sent."""
-    payload = request.payload()
+    come; an empty or malformed answer is asked for once more while nothing was sent.
+
+    open_answer(request, reason) returns (Gemini's answer, the request it answered:
+    SelfHealing may have changed it or sent it to a fallback model)."""
     for attempt in (0, 1):
         reason = "first" if not attempt else (
             "retry_malformed" if fold.finish_reason in RETRY_FINISH_REASONS else "retry_empty")
@@ -3611,7 +3927,7 @@ def run_fold(upstream: UpstreamClient, request: GeminiRequest, fold: ResponseFol
             log.debug("Gemini answered %s with nothing usable; asking once more",
                       fold.finish_reason)
             fold.next_attempt()
-        answer = upstream.generate(request.model, payload, live, reason)
+        answer, fold.request = open_answer(fold.request, reason)
         cancel.attach(answer)
         try:
             send([])  # a stream's head and message_start: Gemini accepted the request
@@ -3633,10 +3949,11 @@ class SSEStream:
     """One client's SSE response: the head and message_start with the first write, then
     chunked frames, each batch in one write(); pingable from the watch thread."""
 
-    def __init__(self, write, abort, head: bytes, preamble: list):
+    def __init__(self, write, abort, head, preamble: list):
         self.write = write  # bytes -> None; raises OSError once the client is gone
         self.on_abort = abort  # cuts the upstream read
-        self.head = head
+        self.head = head  # () -> the response head: made at the first write, once the model
+        # that answers is known
         self.preamble = b"".join(sse_frame(name, data) for name, data in preamble)
         self.started = False
         self.finished = False
@@ -3669,7 +3986,7 @@ class SSEStream:
         out = b""
         if not self.started:
             self.started = True
-            out, body = self.head, self.preamble + body
+            out, body = self.head(), self.preamble + body
         if body:
             out += b"%x\r\n%s\r\n" % (len(body), body)
         if end:
@@ -4038,7 +4355,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
 
     def serve_messages(self, path: str, query: dict) -> None:
         server = self.server
-        request = to_gemini_request(self.read_json(), server.config, server.signatures)
+        body = self.read_json()
+        request = server.healing.translate(body)
         self.gemini_model = request.model
         fold = ResponseFold(request, server.signatures)
         # Search and fetch answers come whole (their blocks go first); stop sequences are cut here,
@@ -4046,23 +4364,35 @@ class ProxyHandler(BaseHTTPRequestHandler):
         live = server.config.stream_mode == "live" and not request.whole_answer and (
             request.stream or bool(request.stop_sequences))
         cancel = Cancel()
-        headers = {"x-gemini-model": request.model}
+
+        def open_answer(request: GeminiRequest, reason: str) -> tuple:
+            answer, request = server.healing.open(server.upstream, request, body, live, reason)
+            self.gemini_model = request.model  # the model that answers, for the access log
+            return answer, request
+
         if not request.stream:
-            run_fold(server.upstream, request, fold, _discard_events, live, cancel)
+            run_fold(open_answer, fold, _discard_events, live, cancel)
             fold.finish()
             self.usage, self.prompt_tokens = fold.usage(), fold.prompt_tokens()
-            self.send_json(200, fold.message(), headers)
-            return
-        head = self.response_head(200, "text/event-stream", None, dict(
-            headers, **{"Cache-Control": "no-cache", "Transfer-Encoding": "chunked"}))
-        self.stream = SSEStream(self.wfile.write, cancel, head, fold.start())
-        server.watch.add(self.connection, self.stream)
-        try:
-            run_fold(server.upstream, request, fold, self.stream.send, live, cancel)
-            self.stream.send(fold.finish(), end=True)
-        finally:
-            server.watch.remove(self.stream)
-        self.status, self.usage, self.prompt_tokens = 200, fold.usage(), fold.prompt_tokens()
+            self.send_json(200, fold.message(), {"x-gemini-model": fold.request.model})
+        else:
+            self.stream = SSEStream(self.wfile.write, cancel, lambda: self.stream_head(fold),
+                                    fold.start())
+            server.watch.add(self.connection, self.stream)
+            try:
+                run_fold(open_answer, fold, self.stream.send, live, cancel)
+                self.stream.send(fold.finish(), end=True)
+            finally:
+                server.watch.remove(self.stream)
+            self.status, self.usage = 200, fold.usage()
+            self.prompt_tokens = fold.prompt_tokens()
+        server.healing.note_served(fold.request.model, fold.model_version)
+
+    def stream_head(self, fold: ResponseFold) -> bytes:
+        """Return the head of an SSE response, naming the model that answers."""
+        return self.response_head(200, "text/event-stream", None, {
+            "x-gemini-model": fold.request.model, "Cache-Control": "no-cache",
+            "Transfer-Encoding": "chunked"})
 
     # -- batches and files --------------------------------------------------------
 
@@ -4297,6 +4627,9 @@ class ProxyServer(ThreadingHTTPServer):
         self.models = ModelCatalog(self.upstream, config)
         self.batches = BatchService(self.upstream, config, self.signatures)
         self.inflight = InflightBytes(config.max_inflight_bytes, config.inflight_wait)
+
+
+        self.healing = SelfHealing(config, self.signatures, self.models)
         self.lock = threading.Lock()
         self.active_requests = 0
         self.draining = False

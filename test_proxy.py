@@ -1591,6 +1591,210 @@ def test_web_search_grounding_becomes_server_tool_blocks():
     assert message["usage"]["server_tool_use"] == {"web_search_requests": 1, "web_fetch_requests": 0}
 
 
+# == Self-healing =============================================================
+
+def warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+
+def unknown_field(field, at="generation_config"):
+    return gemini_error(400, f"Invalid JSON payload received. Unknown name \"{field}\" at '{at}': Cannot find field.")
+
+
+def test_a_400_naming_temperature_is_retried_without_it_and_the_next_request_sends_none(gemini, proxy, caplog):
+    caplog.set_level("INFO", logger="claude_gemini_proxy")
+    gemini.script = [Reply(status=400, error=unknown_field("temperature"))]
+    answer = post(proxy, messages_body(temperature=0.2, top_p=0.9))
+    assert answer.status == 200 and answer.json["content"][0]["text"] == "Hello from Gemini."
+    sent = [body["generationConfig"] for body in gemini.bodies]
+    assert len(sent) == 2 and sent[0]["temperature"] == 0.2 and "temperature" not in sent[1]
+    assert sent[1]["topP"] == 0.9 and sent[1]["maxOutputTokens"] == sent[0]["maxOutputTokens"]
+    assert gemini.bodies[1]["contents"] == gemini.bodies[0]["contents"]  # no user content dropped
+    assert post(proxy, messages_body(temperature=0.7)).status == 200
+    assert len(gemini.bodies) == 3 and "temperature" not in gemini.bodies[2]["generationConfig"]
+    said = warnings(caplog)
+    assert len(said) == 1 and said[0].startswith("gemini-3.5-flash refuses temperature; the proxy leaves it out")
+    calls = request(proxy, "GET", "/metrics").raw.decode().splitlines()
+    assert 'claude_gemini_proxy_upstream_calls_total{model="gemini-3.5-flash",reason="self_heal"} 1' in calls
+
+
+def test_a_field_refused_again_after_the_fix_is_not_retried_again(gemini, proxy):
+    gemini.script = [Reply(status=400, error=unknown_field("temperature"))] * 3
+    answer = post(proxy, messages_body(temperature=0.2))
+    assert answer.status == 400 and "temperature" in answer.json["error"]["message"]
+    assert len(gemini.bodies) == 2
+
+
+def test_a_400_about_what_the_answer_depends_on_stands(gemini, proxy):
+    message = "* GenerateContentRequest.generation_config.max_output_tokens: must be positive"
+    gemini.script = [Reply(status=400, error=gemini_error(400, message))]
+    answer = post(proxy, messages_body(temperature=0.2))
+    assert answer.status == 400 and answer.json["error"]["message"] == f"Gemini: {message}"
+    assert answer.headers["x-should-retry"] == "false" and len(gemini.bodies) == 1
+
+
+SCHEMA_OUTPUT = {"format": {"type": "json_schema", "schema": {"type": "object", "properties": {"a": {"type": "string"}}}}}
+
+
+def thinking_config(g):
+    return g["generationConfig"].get("thinkingConfig")
+
+
+# (model, body, Gemini's 400 message, what the first call had, what the retry and the next request have)
+OPTIONAL_FIELD_REFUSALS = {
+    "thinkingLevel value": (
+        "gemini-3.5-flash", messages_body(thinking={"type": "disabled"}),
+        "Thinking level MINIMAL is not supported by this model. Supported levels: LOW, MEDIUM, HIGH.",
+        lambda g: thinking_config(g) == {"thinkingLevel": "MINIMAL"},
+        lambda g: thinking_config(g) == {"thinkingLevel": "LOW"}),
+    "thinkingBudget range": (
+        "gemini-2.5-flash", messages_body(thinking={"type": "enabled", "budget_tokens": 30000}),
+        "* GenerateContentRequest.generation_config.thinking_config.thinking_budget: must be between 128 and 16384",
+        lambda g: thinking_config(g)["thinkingBudget"] == 24576,
+        lambda g: thinking_config(g)["thinkingBudget"] == 16384),
+    "thinkingBudget": (
+        "gemini-2.5-flash", messages_body(thinking={"type": "enabled", "budget_tokens": 2048}),
+        "Thinking budget is not supported by this model; set a thinking level instead.",
+        lambda g: thinking_config(g) == {"thinkingBudget": 2048, "includeThoughts": True},
+        lambda g: thinking_config(g) == {"thinkingLevel": "LOW", "includeThoughts": True}),
+    "includeThoughts": (
+        "gemini-3.5-flash", messages_body(thinking={"type": "adaptive"}),
+        "include_thoughts is only supported when thinking is enabled",
+        lambda g: thinking_config(g)["includeThoughts"] is True,
+        lambda g: "includeThoughts" not in thinking_config(g)),
+    "safety category": (
+        "gemini-3.5-flash", messages_body(),
+        "* GenerateContentRequest.safety_settings[3].category: HARM_CATEGORY_DANGEROUS_CONTENT is not supported",
+        lambda g: len(g["safetySettings"]) == 4,
+        lambda g: [s["category"] for s in g["safetySettings"]] == [
+            "HARM_CATEGORY_HARASSMENT", "HARM_CATEGORY_HATE_SPEECH", "HARM_CATEGORY_SEXUALLY_EXPLICIT"]),
+    "responseJsonSchema": (
+        "gemini-3.5-flash", messages_body(output_config=SCHEMA_OUTPUT), unknown_field("responseJsonSchema")["message"],
+        lambda g: "responseJsonSchema" in g["generationConfig"],
+        lambda g: "responseJsonSchema" not in g["generationConfig"]
+        and g["generationConfig"]["responseMimeType"] == "application/json"
+        and list(g)[0] == "systemInstruction" and "JSON Schema" in g["systemInstruction"]["parts"][-1]["text"]),
+    "media inside functionResponse.parts": (
+        "gemini-3.5-flash", messages_body(None, messages=tool_loop_messages(image_result()[0])),
+        unknown_field("parts", "contents[2].parts[0].function_response")["message"],
+        lambda g: "parts" in g["contents"][2]["parts"][0]["functionResponse"],
+        lambda g: "parts" not in g["contents"][2]["parts"][0]["functionResponse"]
+        and "inlineData" in g["contents"][2]["parts"][1]),
+}
+
+
+@pytest.mark.parametrize("case", OPTIONAL_FIELD_REFUSALS)
+def test_a_400_naming_an_optional_field_is_retried_fixed_and_remembered(gemini, proxy, caplog, case):
+    model, body, message, before, after = OPTIONAL_FIELD_REFUSALS[case]
+    body = dict(body, model=model)
+    gemini.script = [Reply(status=400, error=gemini_error(400, message))]
+    answer = post(proxy, body)
+    assert answer.status == 200, answer.raw
+    first, retry = gemini.bodies
+    assert before(first) and not after(first) and after(retry)
+    assert post(proxy, body).status == 200 and after(gemini.bodies[2])
+    assert len(gemini.bodies) == 3 and len(warnings(caplog)) == 1 and model in warnings(caplog)[0]
+
+
+SCHEMA_TOOLS = [{"name": "Read", "description": "Read a file.", "input_schema": {
+                 "type": "object", "properties": {"file_path": {"type": "string"}}, "required": ["file_path"]}},
+             {"name": "mcp__srv__query", "description": "Query the store.",
+              "input_schema": REJECTED_SCHEMAS["integer enum on an array-or-null property"][0]}]
+SCHEMA_400 = ("* GenerateContentRequest.tools[0].function_declarations[1].parameters.properties[levels].enum[0]: "
+              "enum: only allowed for STRING type")
+
+
+def test_a_tool_schema_400_is_retried_with_the_schema_reduced_and_remembered(gemini, proxy, caplog):
+    gemini.script = [Reply(status=400, error=gemini_error(400, SCHEMA_400))]
+    answer = post(proxy, messages_body(tools=SCHEMA_TOOLS))
+    assert answer.status == 200, answer.raw
+    first, retry = [body["tools"][0]["functionDeclarations"] for body in gemini.bodies]
+    assert first[1]["parametersJsonSchema"] == SCHEMA_TOOLS[1]["input_schema"]
+    assert retry[0] == first[0]  # the other tools go as they were
+    assert set(retry[1]) == {"name", "description", "parameters"}
+    assert retry[1]["description"].startswith("Query the store.") and "`levels`: one of 1, 2, 3" in retry[1]["description"]
+    assert post(proxy, messages_body("again", tools=SCHEMA_TOOLS)).status == 200
+    assert len(gemini.bodies) == 3 and gemini.bodies[2]["tools"][0]["functionDeclarations"] == retry
+    said = warnings(caplog)
+    assert len(said) == 1 and said[0].startswith("tool mcp__srv__query: Gemini rejects its input schema")
+
+
+def test_with_tool_schema_repair_off_the_400_names_the_client_tool(gemini, start_proxy):
+    proxy = start_proxy(make_config(gemini, tool_schema_repair=False))
+    gemini.script = [Reply(status=400, error=gemini_error(400, SCHEMA_400))]
+    answer = post(proxy, messages_body(tools=SCHEMA_TOOLS))
+    assert answer.status == 400 and len(gemini.bodies) == 1
+    assert answer.json["error"]["message"] == f"tool `mcp__srv__query` has an input schema Gemini rejects: {SCHEMA_400}"
+
+
+def test_a_404_for_a_model_names_it_and_the_closest_available(gemini, proxy):
+    gemini.retired.add("gemini-2.0-flash")
+    answer = post(proxy, messages_body(model="gemini-2.0-flash"))
+    assert answer.status == 404 and answer.json["error"]["type"] == "not_found_error"
+    assert answer.json["error"]["message"] == (
+        "model: Gemini does not serve gemini-2.0-flash (retired, renamed or misspelt); closest available: "
+        "gemini-2.5-flash, gemini-3.5-flash; route the name elsewhere with MODEL_MAP or MODEL_FALLBACKS")
+    assert answer.headers["x-should-retry"] == "false"
+
+
+def wait_for_log(caplog, start):
+    """Return the log lines starting with `start`, waiting for the access line (written after the answer)."""
+    deadline = time.monotonic() + 2
+    while not any(r.getMessage().startswith(start) for r in caplog.records) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith(start)]
+
+
+def overloaded(status):
+    kind = {404: "NOT_FOUND", 429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE"}[status]
+    return Reply(status=status, error=gemini_error(status, "no", kind))
+
+
+@pytest.mark.parametrize("status", [404, 429, 503])
+@pytest.mark.parametrize("streamed", [False, True])
+def test_model_fallbacks_answer_once_for_a_retired_limited_or_overloaded_model(gemini, start_proxy, caplog, status,
+                                                                              streamed):
+    caplog.set_level("INFO", logger="claude_gemini_proxy")
+    proxy = start_proxy(make_config(gemini, model_fallbacks=(("gemini-3.1-pro-preview", "gemini-3.5-flash"),
+                                                             ("gemini-3.5-flash", "gemini-3.5-flash-lite"))))
+    gemini.script = [overloaded(status)]
+    answer = post(proxy, messages_body(model="gemini-3.1-pro-preview", stream=streamed))
+    assert answer.status == 200 and answer.headers["x-gemini-model"] == "gemini-3.5-flash"
+    assert [r[1].split(":")[0] for r in gemini.requests] == ["/v1beta/models/gemini-3.1-pro-preview",
+                                                            "/v1beta/models/gemini-3.5-flash"]
+    access = wait_for_log(caplog, "POST /v1/messages 200")
+    assert len(access) == 1 and "model=gemini-3.5-flash " in access[0]
+    gemini.script = [overloaded(status), overloaded(503)]  # once: the fallback's own fallback is not tried
+    answer = post(proxy, messages_body(model="gemini-3.1-pro-preview", stream=streamed))
+    assert answer.status == 529 and len(gemini.requests) == 4
+
+
+def test_rules_follow_the_model_gemini_says_serves_the_name(gemini, proxy, caplog):
+    caplog.set_level("INFO", logger="claude_gemini_proxy")
+    gemini.served_as["gemini-3.5-flash"] = "gemini-3.6-flash"
+    assert post(proxy, messages_body(temperature=0.2)).status == 200
+    assert post(proxy, messages_body(temperature=0.2)).status == 200
+    first, second = [body["generationConfig"] for body in gemini.bodies]
+    assert first["temperature"] == 0.2 and "temperature" not in second  # 3.6 ignores or refuses it
+    assert sum("Gemini serves gemini-3.5-flash with gemini-3.6-flash" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_rules_use_the_model_lists_limits_and_thinking(gemini, proxy):
+    gemini.models.append({"name": "models/gemini-9-nothink", "inputTokenLimit": 32768, "outputTokenLimit": 4096,
+                          "supportedGenerationMethods": ["generateContent"], "thinking": False})
+    assert request(proxy, "GET", "/v1/models?limit=1000").status == 200
+    body = messages_body(model="gemini-9-nothink", max_tokens=20000, thinking={"type": "adaptive"})
+    assert post(proxy, body).status == 200
+    sent = gemini.bodies[-1]["generationConfig"]
+    assert sent["maxOutputTokens"] == 4096 and "thinkingConfig" not in sent
+
+
+def test_529_without_a_gemini_retry_delay_carries_the_proxys_own_backoff(gemini, proxy):
+    gemini.script = [overloaded(503)]
+    answer = post(proxy, messages_body())
+    assert answer.status == 529 and answer.headers["retry-after"] == "2"
+
+
 # == HTTP handler: routes, auth, limits ======================================
 
 def test_health_needs_no_auth_and_never_calls_gemini(gemini, start_proxy):
