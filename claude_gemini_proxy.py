@@ -37,8 +37,8 @@ Environment (command-line flags beat the environment, which beats a ./.env file)
   DEBUG                 true/1 for per-request and upstream logs (secrets redacted)
 
 Sections (grep '^# ==' for line numbers): Configuration, Errors, Signature store,
-Request: Anthropic -> Gemini, Response: Gemini -> Anthropic, Operators: metrics,
-Upstream client, Model list, Self-healing, HTTP handler, Main.
+Request: shapes and validation, Request: Anthropic -> Gemini, Response: Gemini -> Anthropic,
+Operators: metrics, Upstream client, Model list, Self-healing, HTTP handler, Main.
 
 Copyright (c) 2026 the claude_gemini_proxy authors.
 License: MIT (see LICENSE)
@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import bisect
 import calendar
 import difflib
 import email.parser
@@ -75,7 +76,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections import OrderedDict, namedtuple
+from collections import OrderedDict, deque, namedtuple
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 try:
@@ -610,6 +611,297 @@ class SignatureStore:
         return carried
 
 
+# == Request: shapes and validation ===========================================
+# One description of every Messages field the translator reads; validate_body() checks a body
+# against it before translation, so a wrong type anywhere is a 400 naming its path.
+
+MAX_JSON_DEPTH = 128  # deeper bodies are hostile or broken; no real client nests this far
+MAX_STOP_SEQUENCES = 64
+MAX_STOP_SEQUENCE_CHARS = 1000
+ESCAPED_OR_RAW_SURROGATE_RE = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+SURROGATE_RE = re.compile("[\ud800-\udfff]")
+INFINITY = float("inf")
+
+
+class _Invalid(Exception):
+    """A value that does not fit its shape; containers add their key to .path on the way out."""
+
+    def __init__(self, message: str, key=None):
+        super().__init__(message)
+        self.message = message
+        self.path = [] if key is None else [key]
+
+
+def _check_any(value, depth: int) -> None:
+    """Accept any JSON value nested at most MAX_JSON_DEPTH deep with finite numbers."""
+    kind = type(value)
+    if kind is float:
+        if value != value or value in (INFINITY, -INFINITY):
+            raise _Invalid("must be a finite number")
+        return
+    if kind is not dict and kind is not list:
+        return
+    if depth > MAX_JSON_DEPTH:
+        raise _Invalid(f"nested deeper than {MAX_JSON_DEPTH} levels")
+    items = value.items() if kind is dict else enumerate(value)
+    for key, item in items:
+        if type(item) in _WALKED:
+            try:
+                _check_any(item, depth + 1)
+            except _Invalid as invalid:
+                invalid.path.append(key)
+                raise
+
+
+_WALKED = (dict, list, float)
+
+
+class Shape:
+    """Any JSON value (depth and finite numbers still checked); the subclasses narrow it."""
+
+    types: tuple = (object,)
+    name = "any value"
+
+    def check(self, value, depth: int) -> None:
+        _check_any(value, depth)
+
+
+class Scalar(Shape):
+    """A string, integer, number or boolean, with optional limits."""
+
+    NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean"}
+
+    def __init__(self, kind: type, minimum: int | None = None, min_length: int = 0,
+                 max_length: int | None = None, choices: tuple = ()):
+        self.types = (int, float) if kind is float else (kind,)
+        self.name = self.NAMES[kind]
+        self.minimum, self.min_length, self.max_length = minimum, min_length, max_length
+        self.choices = choices
+
+    def check(self, value, depth: int) -> None:
+        if type(value) not in self.types:  # type(), not isinstance(): True is no integer
+            raise _Invalid(f"must be {self.name}")
+        if self.choices and value not in self.choices:
+            raise _Invalid("must be one of " + ", ".join(repr(c) for c in self.choices))
+        if type(value) is float and (value != value or value in (INFINITY, -INFINITY)):
+            raise _Invalid("must be a finite number")
+        if self.minimum is not None and value < self.minimum:
+            raise _Invalid(f"must be at least {self.minimum}")
+        if self.min_length and len(value) < self.min_length:
+            raise _Invalid("must not be empty")
+        if self.max_length is not None and len(value) > self.max_length:
+            raise _Invalid(f"must be at most {self.max_length} characters")
+
+
+class Obj(Shape):
+    """An object with typed fields; a null optional field counts as absent, others are walked."""
+
+    types = (dict,)
+    name = "an object"
+
+    def __init__(self, fields: dict, required: tuple = ()):
+        self.fields = fields
+        self.required = required
+
+    def check(self, value, depth: int) -> None:
+        if type(value) is not dict:
+            raise _Invalid("must be an object")
+        if depth > MAX_JSON_DEPTH:
+            raise _Invalid(f"nested deeper than {MAX_JSON_DEPTH} levels")
+        for name in self.required:
+            if value.get(name) is None:
+                raise _Invalid("field required", name)
+        fields = self.fields
+        for key, item in value.items():
+            if item is None:
+                continue
+            try:
+                fields.get(key, ANY).check(item, depth + 1)
+            except _Invalid as invalid:
+                invalid.path.append(key)
+                raise
+
+
+class Arr(Shape):
+    """An array whose items all have one shape."""
+
+    types = (list,)
+    name = "an array"
+
+    def __init__(self, item: Shape, max_items: int | None = None):
+        self.item = item
+        self.max_items = max_items
+
+    def check(self, value, depth: int) -> None:
+        if type(value) is not list:
+            raise _Invalid("must be an array")
+        if depth > MAX_JSON_DEPTH:
+            raise _Invalid(f"nested deeper than {MAX_JSON_DEPTH} levels")
+        if self.max_items is not None and len(value) > self.max_items:
+            raise _Invalid(f"must have at most {self.max_items} items")
+        check = self.item.check
+        for i, item in enumerate(value):
+            try:
+                check(item, depth + 1)
+            except _Invalid as invalid:
+                invalid.path.append(i)
+                raise
+
+
+class Either(Shape):
+    """One of several shapes, chosen by the JSON type of the value."""
+
+    def __init__(self, *shapes: Shape):
+        self.shapes = shapes
+        self.types = tuple(kind for shape in shapes for kind in shape.types)
+        self.name = " or ".join(shape.name for shape in shapes)
+
+    def check(self, value, depth: int) -> None:
+        for shape in self.shapes:
+            if type(value) in shape.types:
+                shape.check(value, depth)
+                return
+        raise _Invalid(f"must be {self.name}")
+
+
+class Blocks(Shape):
+    """An object tagged by a string "type"; `by_type` maps types to shapes (others: Obj({}))."""
+
+    types = (dict,)
+    name = "an object"
+
+    def __init__(self, by_type: dict):
+        self.by_type = by_type  # shared dicts: an entry added later is checked too
+
+    def check(self, value, depth: int) -> None:
+        if type(value) is not dict:
+            raise _Invalid("must be an object")
+        kind = value.get("type")
+        if type(kind) is not str:
+            raise _Invalid("must be a string" if kind is not None else "field required", "type")
+        self.by_type.get(kind, ANY_OBJECT).check(value, depth)
+
+
+ANY = Shape()
+ANY_OBJECT = Obj({})
+STRING = Scalar(str)
+BOOLEAN = Scalar(bool)
+STRINGS = Arr(STRING)
+
+# Block shapes by type. Add a new block type here (and its translation in _HistoryTranslator).
+TEXT_BLOCK = Obj({"text": STRING}, required=("text",))
+MEDIA_SOURCES = {
+    "base64": Obj({"media_type": STRING, "data": STRING}, required=("data",)),
+    "url": Obj({"url": STRING}, required=("url",)),
+    "text": Obj({"media_type": STRING, "data": STRING}, required=("data",)),
+    "file": Obj({"file_id": STRING}, required=("file_id",)),
+}
+IMAGE_BLOCK = Obj({"source": Blocks(MEDIA_SOURCES)}, required=("source",))
+DOCUMENT_SOURCES = dict(MEDIA_SOURCES, content=Obj({"content": Either(
+    STRING, Arr(Blocks({"text": TEXT_BLOCK, "image": IMAGE_BLOCK})))}))
+DOCUMENT_BLOCK = Obj({"source": Blocks(DOCUMENT_SOURCES), "title": STRING}, required=("source",))
+SEARCH_RESULT_BLOCK = Obj({"source": STRING, "title": STRING,
+                           "content": Arr(Blocks({"text": TEXT_BLOCK}))})
+TOOL_RESULT_BLOCKS = {
+    "text": TEXT_BLOCK,
+    "image": IMAGE_BLOCK,
+    "document": DOCUMENT_BLOCK,
+    "search_result": SEARCH_RESULT_BLOCK,
+    "tool_reference": Obj({"tool_name": STRING}, required=("tool_name",)),
+}
+CONTENT_BLOCKS = {
+    "text": TEXT_BLOCK,
+    "mid_conv_system": Obj({"content": Either(STRING, Arr(Blocks({"text": TEXT_BLOCK})))}),
+    "image": IMAGE_BLOCK,
+    "document": DOCUMENT_BLOCK,
+    "search_result": SEARCH_RESULT_BLOCK,
+    "thinking": Obj({"thinking": STRING, "signature": STRING}),
+    "redacted_thinking": Obj({"data": STRING}),
+    "tool_use": Obj({"id": STRING, "name": STRING, "input": ANY_OBJECT}, required=("id", "name")),
+    "tool_result": Obj({"tool_use_id": STRING, "is_error": BOOLEAN, "content": Either(
+        STRING, Arr(Blocks(TOOL_RESULT_BLOCKS)))}, required=("tool_use_id",)),
+}
+SYSTEM_BLOCKS = {"text": TEXT_BLOCK}
+MESSAGE = Obj({
+    "role": Scalar(str, choices=("user", "assistant", "system")),
+    "content": Either(STRING, Arr(Blocks(CONTENT_BLOCKS))),
+}, required=("role", "content"))
+TOOL = Obj({
+    "name": STRING, "type": STRING, "description": STRING, "input_schema": ANY_OBJECT,
+    "defer_loading": BOOLEAN, "allowed_domains": STRINGS, "blocked_domains": STRINGS,
+}, required=("name",))
+NUMBER = Scalar(float)
+# The Messages body; count_tokens takes the same one (the translator reads both alike).
+MESSAGES_BODY = Obj({
+    "model": Scalar(str, min_length=1),
+    "messages": Arr(MESSAGE),
+    "max_tokens": Scalar(int, minimum=1),
+    "stream": BOOLEAN,
+    "system": Either(STRING, Arr(Blocks(SYSTEM_BLOCKS))),
+    "tools": Arr(TOOL),
+    "tool_choice": Obj({"type": STRING, "name": STRING}),
+    "stop_sequences": Arr(Scalar(str, min_length=1, max_length=MAX_STOP_SEQUENCE_CHARS),
+                          max_items=MAX_STOP_SEQUENCES),
+    "temperature": NUMBER,
+    "top_p": NUMBER,
+    "top_k": Scalar(int),
+    "thinking": Obj({"type": STRING, "budget_tokens": Scalar(int), "display": STRING}),
+    "output_config": Obj({"effort": STRING, "format": Obj({"type": STRING,
+                                                           "schema": ANY_OBJECT})}),
+}, required=("model", "messages"))
+
+
+def validate_body(body, shape: Shape = MESSAGES_BODY) -> None:
+    """Raise a 400 naming the path (messages.3.content.1.tool_use_id) of the first bad field."""
+    try:
+        shape.check(body, 1)
+    except _Invalid as invalid:
+        if not invalid.path:
+            raise bad_request(f"request body: {invalid.message}") from None
+        path = ".".join(str(key) for key in reversed(invalid.path))
+        raise bad_request(f"{path}: {invalid.message}") from None
+
+
+def decode_json_body(data: bytes):
+    """Return the parsed body, lone surrogates replaced by U+FFFD; raise a 400 for bad JSON."""
+    too_deep = bad_request(f"request body: nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        body = json.loads(data)
+    except RecursionError:
+        raise too_deep from None
+    except ValueError as exc:
+        raise bad_request(f"request body is not valid JSON: {exc}") from None
+    maybe = b"\xed" in data or b"\\u" in data  # ten times faster than the regex alone
+    if maybe and ESCAPED_OR_RAW_SURROGATE_RE.search(data):  # escaped (\ud83d) or raw bytes
+        repaired = []
+        try:
+            body = _repair_surrogates(body, [], repaired)
+        except RecursionError:
+            raise too_deep from None
+        if repaired:
+            log.debug("replaced lone UTF-16 surrogates with U+FFFD at %s", ", ".join(repaired))
+    return body
+
+
+def _repair_surrogates(value, path: list, repaired: list):
+    """Return value with lone surrogates in its strings replaced, noting where in `repaired`."""
+    kind = type(value)
+    if kind is str:
+        if not SURROGATE_RE.search(value):
+            return value
+        fixed = value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        if fixed.count("\ufffd") > value.count("\ufffd"):  # raw valid pairs just join up
+            repaired.append(".".join(path) or "request body")
+        return fixed
+    if kind is list:
+        return [_repair_surrogates(item, path + [str(i)], repaired) for i, item in
+                enumerate(value)]
+    if kind is dict:
+        return {_repair_surrogates(key, path + [key], repaired):
+                _repair_surrogates(item, path + [key], repaired) for key, item in value.items()}
+    return value
+
+
 # == Request: Anthropic -> Gemini =============================================
 # to_gemini_request() is pure: a Messages body in, a GeminiRequest (body + what the
 # response side needs to know) out. One helper per block kind.
@@ -720,71 +1012,25 @@ def gemini_tool_name(name: str) -> str:
     return f"{cleaned[:55]}_{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
-def _expect(value, kinds, field_name: str):
-    if not isinstance(value, kinds) or isinstance(value, bool) and bool not in _as_tuple(kinds):
-        names = " or ".join(k.__name__.replace("dict", "object").replace("list", "array")
-                            .replace("str", "string") for k in _as_tuple(kinds))
-        raise bad_request(f"{field_name}: must be {names}")
-    return value
-
-
-def _as_tuple(kinds) -> tuple:
-    return kinds if isinstance(kinds, tuple) else (kinds,)
-
-
-def _check_body(body) -> None:
-    if not isinstance(body, dict):
-        raise bad_request("request body must be a JSON object")
-    if "model" not in body:
-        raise bad_request("model: field required")
-    if not _expect(body["model"], str, "model").strip():
-        raise bad_request("model: must not be empty")
-    if "messages" not in body:
-        raise bad_request("messages: field required")
-    _expect(body["messages"], list, "messages")
-    optional = (
-        ("max_tokens", int),
-        ("stream", bool),
-        ("system", (str, list)),
-        ("tools", list),
-        ("tool_choice", dict),
-        ("stop_sequences", list),
-        ("temperature", (int, float)),
-        ("top_p", (int, float)),
-        ("top_k", int),
-        ("thinking", dict),
-        ("output_config", dict),
-    )
-    for name, kinds in optional:
-        if body.get(name) is not None:
-            _expect(body[name], kinds, name)
-    for i, sequence in enumerate(body.get("stop_sequences") or ()):
-        _expect(sequence, str, f"stop_sequences.{i}")
-
-
-def _blocks(content, where: str) -> list:
-    """Return a message content as a block list (a string is one text block)."""
+def _blocks(content) -> list:
+    """Return a (validated) message content as a block list: a string is one text block."""
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
-    _expect(content, list, where)
-    for i, block in enumerate(content):
-        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
-            raise bad_request(f"{where}.{i}: must be an object with a type")
     return content
 
 
-def _system_note(content, where: str) -> list:
+def _system_note(content) -> list:
     """Return the text part a mid-conversation system message becomes, in place."""
-    texts = _texts(content, where) if content is not None else []
+    texts = _texts(content) if content is not None else []
     return [{"text": SYSTEM_NOTE % "\n\n".join(texts)}] if texts else []
 
 
-def _texts(content, where: str) -> list:
+def _texts(content) -> list:
     """Return the text strings of a system prompt (string or text blocks)."""
     texts = []
-    for block in _blocks(content, where):
+    for block in _blocks(content):
         text = block.get("text")
-        if block["type"] == "text" and isinstance(text, str) and text:
+        if block["type"] == "text" and text:
             if not text.startswith(BILLING_HEADER_PREFIX):  # changes per call: defeats caching
                 texts.append(text)
     return texts
@@ -801,16 +1047,16 @@ def _check_media_type(media_type: str, allowed: tuple, where: str) -> str:
 
 def _media_parts(block: dict, where: str, key: bytes) -> list:
     """Return the Gemini parts for an image or document block (key: for file ids)."""
-    source = block.get("source") if isinstance(block.get("source"), dict) else {}
-    kind = source.get("type")
+    source = block["source"]
+    kind = source["type"]
     if kind == "file":  # {file_id}: uploaded through POST /v1/files
         return [_file_data(source, where, key)]
     if block["type"] == "image":
         if kind == "base64":
-            media_type = _check_media_type(source.get("media_type", ""), SUPPORTED_IMAGE_TYPES,
+            media_type = _check_media_type(source.get("media_type") or "", SUPPORTED_IMAGE_TYPES,
                                            where)
-            return [{"inlineData": {"mimeType": media_type, "data": _base64_data(source, where)}}]
-        if kind == "url" and isinstance(source.get("url"), str):
+            return [{"inlineData": {"mimeType": media_type, "data": _base64_data(source)}}]
+        if kind == "url":
             guessed = mimetypes.guess_type(source["url"])[0] or "image/jpeg"
             media_type = _check_media_type(guessed, SUPPORTED_IMAGE_TYPES, where)
             return [{"fileData": {"mimeType": media_type, "fileUri": source["url"]}}]
@@ -819,19 +1065,20 @@ def _media_parts(block: dict, where: str, key: bytes) -> list:
     if kind == "base64":  # document
         media_type = source.get("media_type") or "application/pdf"
         if media_type == "text/plain":
-            text = base64.b64decode(_base64_data(source, where)).decode("utf-8", "replace")
-            return [{"text": text}]
+            try:
+                raw = base64.b64decode(_base64_data(source))
+            except (binascii.Error, ValueError):
+                raise bad_request(f"{where}.source.data: must be base64") from None
+            return [{"text": raw.decode("utf-8", "replace")}]
         _check_media_type(media_type, ("application/pdf",), where)
-        return [{"inlineData": {"mimeType": media_type, "data": _base64_data(source, where)}}]
-    if kind == "text" and isinstance(source.get("data"), str):
+        return [{"inlineData": {"mimeType": media_type, "data": _base64_data(source)}}]
+    if kind == "text":
         return [{"text": source["data"]}] if source["data"] else []
-    if kind == "url" and isinstance(source.get("url"), str):
+    if kind == "url":
         return [{"fileData": {"mimeType": "application/pdf", "fileUri": source["url"]}}]
     if kind == "content":
-        inner = source.get("content")
         parts = []
-        items = _blocks(inner if inner is not None else "", f"{where}.source.content")
-        for i, item in enumerate(items):
+        for i, item in enumerate(_blocks(source.get("content") or "")):
             if item["type"] == "text" and item.get("text"):
                 parts.append({"text": item["text"]})
             elif item["type"] == "image":
@@ -840,10 +1087,8 @@ def _media_parts(block: dict, where: str, key: bytes) -> list:
     raise bad_request(f"{where}: document source type {kind!r} is not supported by Gemini")
 
 
-def _base64_data(source: dict, where: str) -> str:
-    data = source.get("data")
-    if not isinstance(data, str) or not data:
-        raise bad_request(f"{where}.source.data: must be a non-empty base64 string")
+def _base64_data(source: dict) -> str:
+    data = source["data"]
     if data.startswith("data:"):  # some clients send data URLs
         data = data.partition(",")[2]
     return data
@@ -866,11 +1111,8 @@ def _other_block_parts(block: dict) -> list:
     """Return the text parts for a block no ladder handles; never a 400, never silent text loss."""
     kind = block["type"]
     if kind == "search_result":  # {source, title, content: [text]}
-        inner = "\n".join(
-            c["text"] for c in block.get("content") or () if isinstance(c, dict)
-            and isinstance(c.get("text"), str)
-        )
-        return [{"text": f"{block.get('title', '')} ({block.get('source', '')})\n{inner}"}]
+        inner = "\n".join(c["text"] for c in block.get("content") or ())
+        return [{"text": f"{block.get('title') or ''} ({block.get('source') or ''})\n{inner}"}]
     if kind == "compaction":  # {content: summary or null (a failed compaction: a no-op)}
         return [{"text": block["content"]}] if isinstance(block.get("content"), str) \
             and block["content"] else []
@@ -929,7 +1171,7 @@ def _tool_result_parts(
     """Return (functionResponse part, parts to place after the responses) for a tool_result."""
     content = block.get("content")
     texts, media = [], []
-    items = _blocks(content, f"{where}.content") if content not in (None, "") else []
+    items = _blocks(content) if content else []
     for i, item in enumerate(items):
         kind = item["type"]
         if kind == "text":  # {text}
@@ -973,20 +1215,14 @@ class _HistoryTranslator:
         self.notes: list = []  # an assistant message's system notes, for the user turn after it
         self.pending: OrderedDict = OrderedDict()  # tool_use id -> (gemini name, call id)
 
-    def add(self, message, where: str) -> None:
-        if not isinstance(message, dict):
-            raise bad_request(f"{where}: must be an object")
-        role = message.get("role")
-        if "content" not in message:
-            raise bad_request(f"{where}.content: field required")
+    def add(self, message: dict, where: str) -> None:
+        role = message["role"]
         if role == "system":  # Claude Code puts role=system entries inside messages
-            self._append("user", _system_note(message["content"], f"{where}.content"))
+            self._append("user", _system_note(message["content"]))
             return
-        if role not in ("user", "assistant"):
-            raise bad_request(f"{where}.role: must be 'user', 'assistant' or 'system'")
-        blocks = _blocks(message["content"], f"{where}.content")
+        blocks = _blocks(message["content"])
         if role == "assistant":
-            self._append("model", self._model_parts(blocks, where))
+            self._append("model", self._model_parts(blocks))
             notes, self.notes = self.notes, []
             self._append("user", notes)
         else:
@@ -1000,9 +1236,9 @@ class _HistoryTranslator:
         else:
             self.contents.append({"role": role, "parts": parts})
 
-    def _model_parts(self, blocks: list, where: str) -> list:
+    def _model_parts(self, blocks: list) -> list:
         parts = []
-        for i, block in enumerate(blocks):
+        for block in blocks:
             kind = block["type"]
             if kind == "text":  # {text}
                 if block.get("text"):  # without Gemini's text signature: see ResponseFold._part
@@ -1013,21 +1249,18 @@ class _HistoryTranslator:
                     parts.append({"text": block.get("thinking") or "", "thought": True,
                                   "thoughtSignature": carried.signature})
             elif kind == "tool_use":  # {id, name, input}
-                parts.append(self._call_part(block, f"{where}.content.{i}"))
+                parts.append(self._call_part(block))
             elif kind == "mid_conv_system":  # {content: [text]}: the model must not say it
-                self.notes.extend(_system_note(block.get("content"), f"{where}.content.{i}"))
+                self.notes.extend(_system_note(block.get("content")))
             elif kind in ("server_tool_use", "code_execution_tool_result"):
                 parts.extend(_code_execution_parts(block))  # the model's own runs, as it made them
             else:  # compaction, server artefacts, newer blocks
                 parts.extend(_other_block_parts(block))
         return parts
 
-    def _call_part(self, block: dict, where: str) -> dict:
-        tool_id, name = block.get("id"), block.get("name")
-        if not isinstance(tool_id, str) or not isinstance(name, str):
-            raise bad_request(f"{where}: tool_use needs string id and name")
-        args = block.get("input")
-        args = args if isinstance(args, dict) else {}
+    def _call_part(self, block: dict) -> dict:
+        tool_id, name = block["id"], block["name"]
+        args = block.get("input") or {}
         carried = self.signatures.resolve(tool_id[6:]) if tool_id.startswith("toolu_") else None
         call = {"name": gemini_tool_name(name), "args": args}
         if carried and carried.call_id:
@@ -1060,7 +1293,7 @@ class _HistoryTranslator:
                     responses[tool_id] = response
                     after.extend(extra)
             elif kind == "mid_conv_system":  # {content: [text]}
-                parts.extend(_system_note(block.get("content"), here))
+                parts.extend(_system_note(block.get("content")))
             else:  # search_result, compaction, server artefacts, newer blocks
                 parts.extend(_other_block_parts(block))
         # Gemini wants one response per call, in call order, before the turn's other parts.
@@ -1141,9 +1374,7 @@ def _function_declarations(tools: list, messages: list) -> tuple:
     declarations, names, server_tools, later = [], {}, {}, {}
     client_names = {t.get("name") for t in tools if isinstance(t, dict)}
     offered, tools = _offered_tools(tools, messages)
-    for i, tool in enumerate(tools):
-        if not isinstance(tool, dict) or not isinstance(tool.get("name"), str):
-            raise bad_request(f"tools.{i}: must be an object with a name")
+    for tool in tools:  # validated, or an inline definition with a string name
         if not offered.get(tool["name"], not tool.get("defer_loading")):
             continue  # deferred until a tool_reference or tool_addition, or removed since
         kind = tool.get("type")
@@ -1519,7 +1750,7 @@ def to_gemini_request(body: dict, config: Config, signatures: SignatureStore, mo
     `model` overrides the routing (a fallback); `rules_model` is the model known to serve it
     (Gemini's modelVersion), whose rules apply; `model_info` is that model's entry in Gemini's
     model list (token limits, whether it thinks)."""
-    _check_body(body)
+    validate_body(body)
     model = model or map_model(body["model"], config)
     rules = rules_model or model
     history = _HistoryTranslator(model, signatures, rules)
@@ -1528,7 +1759,7 @@ def to_gemini_request(body: dict, config: Config, signatures: SignatureStore, mo
     contents = history.finish()
     if not contents:
         raise bad_request("messages: at least one message with content is required")
-    system = _texts(body["system"], "system") if body.get("system") else []
+    system = _texts(body["system"]) if body.get("system") else []
     model_tools, names, builtins = _gemini_tools(body, model)
     system.extend(filter(None, (_builtin_prompt(kind, tool) for kind, tool in builtins.items())))
     # What stays the same from turn to turn comes first and contents last, so each turn's body
@@ -1608,6 +1839,7 @@ class ResponseFold:
         self.pieces: list = []  # text pieces of the open text/thinking block
         self.open_kind = ""  # "text" or "thinking" while such a block is open
         self.held = ""  # text held back while it could still be the start of a stop sequence
+        self.stops = StopSequences(request.stop_sequences) if request.stop_sequences else None
         self.stop_reason = None
         self.stop_sequence = None
         self.finish_reason = None
@@ -1831,23 +2063,15 @@ class ResponseFold:
         self._close(events)
 
     def _text(self, text: str, events: list) -> None:
-        sequences = self.request.stop_sequences
-        if sequences:
-            text = self.held + text
-            hit, matched = -1, None
-            for sequence in sequences:
-                at = text.find(sequence)
-                if at >= 0 and (matched is None or at < hit):
-                    hit, matched = at, sequence
-            if matched is not None:
-                self._emit_text(text[:hit], events)
-                self.held = ""
-                self.stop_reason, self.stop_sequence, self.done = "stop_sequence", matched, True
-                return
-            keep = _stop_prefix_length(text, sequences)
-            self.held = text[len(text) - keep:] if keep else ""
-            text = text[:len(text) - keep]
-        self._emit_text(text, events)
+        if self.stops is None:
+            self._emit_text(text, events)
+            return
+        text = self.held + text
+        cut, matched = self.stops.scan(text, len(self.held))
+        self._emit_text(text[:cut], events)
+        self.held = "" if matched else text[cut:]
+        if matched:
+            self.stop_reason, self.stop_sequence, self.done = "stop_sequence", matched, True
 
     def _emit_text(self, text: str, events: list) -> None:
         if text:
@@ -2062,15 +2286,82 @@ def _token_count(meta: dict, name: str) -> int:
     return count if isinstance(count, int) and count > 0 else 0
 
 
-def _stop_prefix_length(text: str, sequences: tuple) -> int:
-    """Return how many trailing characters of text could begin one of the stop sequences."""
-    keep = 0
-    for sequence in sequences:
-        for length in range(min(len(sequence) - 1, len(text)), keep, -1):
-            if text.endswith(sequence[:length]):
-                keep = length
+class StopSequences:
+    """Find the stop sequence that ends first in streamed text; hold back only a possible start.
+
+    Work per chunk is one 8-character slice per new position plus a few C-level searches, not a
+    Python step per (sequence, length) pair: 64 sequences of 1,000 characters stay cheap."""
+
+    GRAM = 8  # sequences longer than this are found through their last and first 8 characters
+    MAX_FAILURES = 4  # possible starts disproved per chunk; past it, hold more (safe, later)
+
+    def __init__(self, sequences: tuple):
+        self.rank = {sequence: i for i, sequence in reversed(list(enumerate(sequences)))}
+        self.short = [s for s in self.rank if len(s) <= self.GRAM]
+        self.endings: dict = {}  # last GRAM characters -> the long sequences ending so
+        for sequence in self.rank:
+            if len(sequence) > self.GRAM:
+                self.endings.setdefault(sequence[-self.GRAM:], []).append(sequence)
+        self.openings = frozenset(s[:self.GRAM] for s in self.rank if len(s) > self.GRAM)
+        self.ordered = sorted(self.rank)  # the sequences a text begins are one bisect range
+        self.longest = max(len(sequence) for sequence in sequences)
+        self.starts: deque = deque()  # possible starts of long tails
+        self.base = 0  # stream offset of the text's first character (starts are offsets)
+
+    def scan(self, text: str, new_from: int) -> tuple:
+        """Return (cut, sequence): text[:cut] is final; sequence is the match cut there, or None.
+
+        text is the previous held tail plus new text from new_from on; without a match, the
+        caller holds text[cut:]."""
+        gram, size = self.GRAM, len(text)
+        low = max(0, new_from - gram + 1)  # every gram that ends in the new text
+        grams = [text[at:at + gram] for at in range(low, size - gram + 1)]
+        end, hit, matched = size + 1, -1, None
+        for sequence in self.short:
+            at = text.find(sequence, max(0, new_from - len(sequence) + 1), end)
+            if at >= 0 and self._earlier(at + len(sequence), sequence, end, matched):
+                end, hit, matched = at + len(sequence), at, sequence
+        endings = self.endings.keys() & grams  # C-level: usually empty
+        for i in [i for i, tail in enumerate(grams) if tail in endings] if endings else ():
+            stop = low + i + gram
+            for sequence in self.endings[grams[i]]:
+                at = stop - len(sequence)
+                if at >= 0 and text.startswith(sequence, at) and \
+                        self._earlier(stop, sequence, end, matched):
+                    end, hit, matched = stop, at, sequence
+        if matched is not None:
+            return hit, matched
+        openings = self.openings.intersection(grams)
+        if openings:
+            offset = self.base + low
+            self.starts.extend(offset + i for i, head in enumerate(grams) if head in openings)
+        return self._hold_from(text), None
+
+    def _earlier(self, stop: int, sequence: str, end: int, matched: str | None) -> bool:
+        return stop < end or stop == end and self.rank[sequence] < self.rank[matched]
+
+    def _hold_from(self, text: str) -> int:
+        size, base, starts = len(text), self.base, self.starts
+        lowest = max(0, size - self.longest + 1)  # a longer tail cannot begin any sequence
+        keep, failures = size, 0
+        while starts and keep == size:
+            start = starts[0] - base
+            if start >= lowest and (failures == self.MAX_FAILURES
+                                    or self._begins_one(text[start:])):
+                keep = start
+            else:  # a start disproved once is disproved for good
+                failures += start >= lowest
+                starts.popleft()
+        for start in range(max(lowest, size - self.GRAM + 1), keep):  # short tails
+            if self._begins_one(text[start:]):
+                keep = start
                 break
-    return keep
+        self.base = base + keep
+        return keep
+
+    def _begins_one(self, tail: str) -> bool:
+        i = bisect.bisect_left(self.ordered, tail)
+        return i < len(self.ordered) and self.ordered[i].startswith(tail)
 
 
 # == Operators: metrics =======================================================
@@ -4450,10 +4741,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """Return the parsed JSON body; raise ProxyError for a missing, huge or broken one."""
         data = self.read_body(limit)
         self.hold(JSON_VALUE_BYTES * data.count(b","))  # what the parsed values will take
-        try:
-            return json.loads(data)
-        except ValueError as exc:
-            raise bad_request(f"request body is not valid JSON: {exc}")
+        return decode_json_body(data)
 
     def body_stream(self, limit: int):
         """Return read(n) over the request body for routes that stream it on: each call gives

@@ -10,6 +10,7 @@ import hashlib
 import http.client
 import json
 import os
+import random
 import secrets
 import select
 import socket
@@ -1422,6 +1423,118 @@ def test_wrong_input_is_400_naming_the_field(gemini, proxy, body, field):
     assert gemini.bodies == []
 
 
+def tool_round(result_block=None, use=None):
+    """Return messages with one tool round; `result_block`/`use` override the two blocks."""
+    use = dict({"type": "tool_use", "id": "toolu_a", "name": "Read", "input": {}}, **(use or {}))
+    result = dict({"type": "tool_result", "tool_use_id": "toolu_a", "content": "ok"},
+                  **(result_block or {}))
+    return [{"role": "user", "content": "go"}, {"role": "assistant", "content": [use]},
+            {"role": "user", "content": [{"type": "text", "text": "see"}, result]}]
+
+
+def nested(depth):
+    value = "x"
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize("extra,path", [
+    ({"output_config": {"effort": ["high"]}}, "output_config.effort: must be a string"),
+    ({"tool_choice": {"type": ["auto"]}}, "tool_choice.type: must be a string"),
+    ({"messages": tool_round({"tool_use_id": ["toolu_a"]})},
+     "messages.2.content.1.tool_use_id: must be a string"),
+    ({"messages": tool_round({"tool_use_id": {"id": "toolu_a"}})},
+     "messages.2.content.1.tool_use_id: must be a string"),
+    ({"messages": tool_round({"content": [{"type": "text", "text": 7}]})},
+     "messages.2.content.1.content.0.text: must be a string"),
+    ({"messages": tool_round({"content": [{"type": "tool_reference", "tool_name": 1}]})},
+     "messages.2.content.1.content.0.tool_name: must be a string"),
+    ({"messages": tool_round({"content": [{"type": "search_result", "source": "s", "title": "t",
+                                           "content": 5}]})},
+     "messages.2.content.1.content.0.content: must be an array"),
+    ({"messages": [{"role": "assistant", "content": [
+        {"type": "thinking", "thinking": "t", "signature": 5}]}]},
+     "messages.0.content.0.signature: must be a string"),
+    ({"messages": [{"role": "assistant", "content": [
+        {"type": "thinking", "thinking": "t", "signature": ["s"]}]}]},
+     "messages.0.content.0.signature: must be a string"),
+    ({"messages": tool_round(use={"id": None})}, "messages.1.content.0.id: field required"),
+    ({"tools": [{"type": "web_search_20250305", "name": "web_search", "allowed_domains": [3]}]},
+     "tools.0.allowed_domains.0: must be a string"),
+    ({"messages": [{"role": "user", "content": [{"type": "document", "source": {
+        "type": "base64", "media_type": "text/plain", "data": "abc"}}]}]},
+     "messages.0.content.0.source.data: must be base64"),
+    ({"max_tokens": 0}, "max_tokens: must be at least 1"),
+    ({"max_tokens": True}, "max_tokens: must be an integer"),
+    ({"temperature": float("nan")}, "temperature: must be a finite number"),
+    ({"metadata": {"weights": [1, float("inf")]}}, "metadata.weights.1: must be a finite number"),
+    ({"stop_sequences": ["ok", ""]}, "stop_sequences.1: must not be empty"),
+    ({"stop_sequences": ["s"] * 65}, "stop_sequences: must have at most 64 items"),
+    ({"stop_sequences": ["x" * 1001]}, "stop_sequences.0: must be at most 1000 characters"),
+    ({"metadata": {"deep": nested(130)}}, "metadata.deep." + ".".join(["0"] * 126)
+     + ": nested deeper than 128 levels"),
+])
+def test_wrong_types_anywhere_are_400_naming_the_path(gemini, proxy, extra, path):
+    answer = post(proxy, dict(messages_body(), **extra))
+    assert answer.status == 400 and answer.json["error"]["type"] == "invalid_request_error"
+    assert answer.json["error"]["message"] == path
+    assert gemini.bodies == [] and post(proxy, messages_body()).status == 200
+
+
+@pytest.mark.parametrize("raw,message", [
+    (b'{"model": "m", "max_tokens": NaN, "messages": []}', "max_tokens: must be an integer"),
+    (b'{"model": "m", "temperature": Infinity, "messages": []}',
+     "temperature: must be a finite number"),
+    (b'{"model": "m", "top_p": 1e999, "messages": []}', "top_p: must be a finite number"),
+    (b'{"model": "m", "messages": []' + b', "metadata": ' + b"[" * 100000 + b"]" * 100000 + b"}",
+     "request body: nested deeper than 128 levels"),
+])
+def test_nan_infinity_and_runaway_nesting_are_400(gemini, proxy, raw, message):
+    answer = request(proxy, "POST", "/v1/messages", raw=raw)
+    assert answer.status == 400 and answer.json["error"]["message"] == message
+    assert post(proxy, messages_body()).status == 200
+
+
+def test_count_tokens_body_is_checked_by_the_same_description(gemini, proxy):
+    body = {"model": "gemini-3.5-flash", "messages": tool_round({"is_error": "yes"})}
+    answer = post(proxy, body, path="/v1/messages/count_tokens")
+    assert answer.status == 400
+    assert answer.json["error"]["message"] == "messages.2.content.1.is_error: must be a boolean"
+    assert gemini.bodies == []
+
+
+def test_a_new_block_type_is_one_entry_in_the_description(monkeypatch):
+    body = {"messages": [{"role": "user", "content": [{"type": "note_block", "note": 5},
+                                                       {"type": "text", "text": "hi"}]}]}
+    translate(body)  # unknown types pass: only described ones are checked
+    monkeypatch.setitem(cgp.CONTENT_BLOCKS, "note_block", cgp.Obj({"note": cgp.STRING}))
+    with pytest.raises(cgp.ProxyError, match=r"^messages\.0\.content\.0\.note: must be a string$"):
+        translate(body)
+
+
+@pytest.mark.parametrize("raw_text", [
+    b'"broken \\ud83d emoji"',  # escaped lone high surrogate
+    b'"broken \\ude00 emoji"',  # escaped lone low surrogate
+    b'"broken \xed\xa0\xbd emoji"',  # raw (CESU-8) lone surrogate in the bytes
+])
+def test_lone_surrogates_become_replacement_characters(gemini, proxy, caplog, raw_text):
+    caplog.set_level("DEBUG", logger="claude_gemini_proxy")
+    raw = (b'{"model": "gemini-3.5-flash", "max_tokens": 50, "messages": [{"role": "user", '
+           b'"content": "hi"}, {"role": "assistant", "content": [{"type": "text", "text": '
+           + raw_text + b'}]}, {"role": "user", "content": "and now?"}]}')
+    for _ in range(2):  # every later turn of the conversation works too
+        answer = request(proxy, "POST", "/v1/messages", raw=raw)
+        assert answer.status == 200, answer.raw
+    assert gemini.bodies[-1]["contents"][1]["parts"][0]["text"] == "broken \ufffd emoji"
+    assert "U+FFFD at messages.1.content.0.text" in caplog.text
+
+
+def test_a_valid_surrogate_pair_is_kept():
+    body = cgp.decode_json_body(b'{"a": "\\ud83d\\ude00", "b": "\xed\xa0\xbd\xed\xb8\x80"}')
+    assert body == {"a": "\U0001F600", "b": "\U0001F600"}
+
+
 # == Response translation =====================================================
 
 def fold_for(body=None, model="gemini-3.5-flash", store=None, **extra):
@@ -1505,6 +1618,70 @@ def test_held_text_that_was_not_a_stop_sequence_is_released():
     fold, _ = fold_for({"stop_sequences": ["1", "2", "3", "4", "5", "<END>"]})
     run_fold(fold, [chunk(text("x <E")), chunk(text("h? no"), finish="STOP")])
     assert fold.message()["content"][0]["text"] == "x <Eh? no" and fold.message()["stop_reason"] == "end_turn"
+
+
+def stream_cut(sequences, pieces):
+    """Return (text, stop_sequence) the fold gives for text pieces, one chunk each."""
+    fold, _ = fold_for({"stop_sequences": sequences})
+    run_fold(fold, [chunk(text(piece)) for piece in pieces] + [chunk(finish="STOP")])
+    message = fold.message()
+    return "".join(b["text"] for b in message["content"] if b["type"] == "text"), \
+        message["stop_sequence"]
+
+
+def reference_cut(sequences, whole):
+    """Cut where generation would have stopped: at the match that ends first."""
+    ends = [(whole.find(s) + len(s), i, s) for i, s in enumerate(sequences) if s in whole]
+    if not ends:
+        return whole, None
+    end, _, sequence = min(ends)
+    return whole[:end - len(sequence)], sequence
+
+
+def test_stop_sequences_cut_like_a_reference_whatever_the_chunking():
+    rnd = random.Random(13)
+    for _ in range(300):
+        alphabet = rnd.choice(["ab", "abc", "abcd "])
+        sequences = list({"".join(rnd.choice(alphabet) for _ in range(rnd.choice([1, 3, 9, 20])))
+                          for _ in range(rnd.randint(1, 6))})
+        whole = "".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 120)))
+        pieces, at = [], 0
+        while at < len(whole):
+            step = rnd.randint(1, 30)
+            pieces.append(whole[at:at + step])
+            at += step
+        assert stream_cut(sequences, pieces) == reference_cut(sequences, whole), (sequences, pieces)
+
+
+def test_the_stop_sequence_that_ends_first_wins():
+    assert stream_cut(["abc", "b"], ["xa", "bc"]) == ("xa", "b")
+    assert stream_cut(["yy", "zzz"], ["zz", "zyy"]) == ("", "zzz")
+    assert stream_cut(["bc", "abc"], ["xab", "c"]) == ("xa", "bc")  # same end: the first listed
+
+
+@pytest.mark.parametrize("sequences,piece", [
+    ([bytes(random.Random(100 + i).choices(b"abcdefghij klmnop", k=1000)).decode() for i in range(64)],
+     None),
+    (["x" * 999 + chr(0x100 + i) for i in range(64)], "x" * 100),
+    (["a" * 500 + "b" + chr(0x100 + i) * 499 for i in range(64)], "a" * 100),
+    (["ab" * 499 + "c" + chr(0x100 + i) for i in range(64)], "ab" * 50),
+])
+def test_stop_sequence_matching_stays_fast_at_the_limits(sequences, piece):
+    rnd = random.Random(5)
+    pieces = [piece or "".join(rnd.choices("abcdefghij klmnop", k=100)) for _ in range(1000)]
+    plain, _ = fold_seconds((), pieces)
+    spent, message = fold_seconds(sequences, pieces)
+    assert message["stop_reason"] == "end_turn" and len(message["content"][0]["text"]) == 100_000
+    assert spent - plain < 0.05  # 64 sequences of 1,000 characters, 100 KB in 1,000 chunks
+
+
+def fold_seconds(sequences, pieces):
+    """Return (thread CPU seconds, message) of folding one text chunk per piece."""
+    fold, _ = fold_for({"stop_sequences": list(sequences)} if sequences else {})
+    chunks = [chunk(text(piece)) for piece in pieces] + [chunk(finish="STOP")]
+    started = time.thread_time()
+    run_fold(fold, chunks)
+    return time.thread_time() - started, fold.message()
 
 
 def test_malformed_function_call_after_text_ends_honestly():
@@ -4575,3 +4752,112 @@ def test_code_execution_in_history_goes_back_as_the_parts_gemini_made(gemini, pr
         {"executableCode": {"language": "PYTHON", "code": "while True: pass"}},
         {"codeExecutionResult": {"outcome": "OUTCOME_DEADLINE_EXCEEDED", "output": "execution_time_exceeded"}},
         {"text": "Done: 2."}]}
+
+
+# == Request fuzzing ==========================================================
+# Seeded mutations of the captured Claude Code bodies above and SDK-shaped ones: whatever a
+# client sends is a 200 or an Anthropic-shaped 4xx, never a 500.
+
+def fuzz_corpus():
+    png = base64.b64encode(b"\x89PNG fake").decode()
+    first = claude_code_request(CC_FIRST_MESSAGES)
+    search = CC_FIRST_MESSAGES + [
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "", "signature": "sig"},
+            {"type": "tool_use", "id": "toolu_ts", "name": "ToolSearch",
+             "input": {"query": "select:WebFetch", "max_results": 5}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_ts", "content": [
+            {"type": "tool_reference", "tool_name": "WebFetch"}]}]}]
+    sdk = messages_body(
+        [{"type": "text", "text": "look"},
+         {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}},
+         {"type": "document", "source": {"type": "text", "media_type": "text/plain",
+                                         "data": "doc"}, "title": "t"},
+         {"type": "search_result", "source": "https://x", "title": "x",
+          "content": [{"type": "text", "text": "found"}]}],
+        system="Be brief.", temperature=0.2, top_p=0.9, top_k=20, stop_sequences=["END"],
+        thinking={"type": "enabled", "budget_tokens": 2048},
+        tool_choice={"type": "tool", "name": "Read"},
+        tools=[{"name": "Read", "description": "d", "input_schema": {"type": "object"}}])
+    return [first, claude_code_request(search, tools=CC_TOOLS[:2] + [CC_WEBFETCH]),
+            CC_WEB_SEARCH, dict(messages_body(), messages=tool_round(
+                {"content": image_result()[0], "is_error": True})), sdk]
+
+
+FUZZ_TYPES = ["text", "image", "document", "tool_use", "tool_result", "thinking",
+              "search_result", "tool_reference", "base64", "url", "content", "enabled", "tool"]
+FUZZ_VALUES = [None, 0, -1, 2.5, 10 ** 30, 1e308, float("nan"), float("-inf"), True, "", "x",
+               "\ud83d", "broken \ude00 half", [], [None], [1, "a"], {}, {"type": 5},
+               {"type": "text"}, nested(140)]
+
+
+def fuzz_slots(value, slots):
+    """Collect (container, key) for every place inside value."""
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for key, item in list(items):
+        slots.append((value, key))
+        if isinstance(item, (dict, list)):
+            fuzz_slots(item, slots)
+    return slots
+
+
+def mutate(body, rnd):
+    """Return a copy of body with one to three seeded mutations."""
+    body = json.loads(json.dumps(body))
+    for _ in range(rnd.randint(1, 3)):
+        slots = fuzz_slots(body, [])
+        if not slots:
+            break
+        container, key = rnd.choice(slots)
+        roll, old = rnd.random(), container[key]
+        if roll < 0.45:
+            container[key] = json.loads(json.dumps(rnd.choice(FUZZ_VALUES)))
+        elif roll < 0.6:
+            container[key] = rnd.choice(FUZZ_TYPES)
+        elif roll < 0.75 and isinstance(container, dict):
+            del container[key]
+        elif isinstance(old, str):
+            at = rnd.randint(0, len(old))
+            container[key] = old[:at] + rnd.choice(["\ud800", "\udfff", "\x00", "\U0001F600"]) + old[at:]
+        elif isinstance(old, list):
+            container[key] = old * rnd.randint(0, 3)
+        elif isinstance(old, (int, float)) and not isinstance(old, bool):
+            container[key] = rnd.choice([0, -old, old * 10 ** 20, 0.5])
+        else:
+            container[key] = {"wrapped": old}
+    return body
+
+
+def fuzz_bytes(body, rnd):
+    """Return the body as JSON bytes: surrogates escaped, or raw in the bytes now and then."""
+    text = json.dumps(body, ensure_ascii=rnd.random() < 0.7)
+    return text.encode("utf-8", "surrogatepass")
+
+
+def test_fuzzed_bodies_are_translated_or_refused_naming_a_field():
+    rnd, corpus, outcomes = random.Random(1313), fuzz_corpus(), {"ok": 0, "refused": 0}
+    config, store = cgp.Config(), cgp.SignatureStore(b"k" * 32)
+    for _ in range(3000):
+        raw = fuzz_bytes(mutate(rnd.choice(corpus), rnd), rnd)
+        try:
+            request = cgp.to_gemini_request(cgp.decode_json_body(raw), config, store)
+            json.dumps(request.body, ensure_ascii=False).encode()  # what goes upstream
+            outcomes["ok"] += 1
+        except cgp.ProxyError as error:
+            assert 400 <= error.status < 500 and error.message, raw
+            outcomes["refused"] += 1
+    assert outcomes["ok"] > 300 and outcomes["refused"] > 300, outcomes
+
+
+def test_fuzzed_bodies_over_http_get_200_or_anthropic_4xx_and_the_proxy_goes_on(gemini, proxy):
+    rnd, corpus = random.Random(31), fuzz_corpus()
+    statuses = []
+    for i in range(120):
+        path = "/v1/messages/count_tokens" if i % 4 == 0 else "/v1/messages"
+        answer = request(proxy, "POST", path, raw=fuzz_bytes(mutate(rnd.choice(corpus), rnd), rnd))
+        statuses.append(answer.status)
+        assert answer.status == 200 or 400 <= answer.status < 500, (answer.status, answer.raw)
+        if answer.status != 200:
+            assert answer.json["type"] == "error" and set(answer.json["error"]) == {"type", "message"}
+    assert statuses.count(200) > 10 and len(set(statuses)) > 1
+    assert post(proxy, messages_body()).status == 200
