@@ -4240,11 +4240,12 @@ class SSEStream:
     """One client's SSE response: the head and message_start with the first write, then
     chunked frames, each batch in one write(); pingable from the watch thread."""
 
-    def __init__(self, write, abort, head, preamble: list):
+    def __init__(self, write, abort, head, preamble: list, chunked: bool = True):
         self.write = write  # bytes -> None; raises OSError once the client is gone
         self.on_abort = abort  # cuts the upstream read
         self.head = head  # () -> the response head: made at the first write, once the model
         # that answers is known
+        self.chunked = chunked  # False for HTTP/1.0 clients: the close ends the stream
         self.preamble = b"".join(sse_frame(name, data) for name, data in preamble)
         self.started = False
         self.finished = False
@@ -4261,9 +4262,14 @@ class SSEStream:
             self._write(body, end)
 
     def ping(self) -> None:
-        with self.lock:
+        """Write a ping unless a write is under way (the watch thread never waits for one)."""
+        if not self.lock.acquire(blocking=False):
+            return
+        try:
             if not (self.gone or self.finished):
                 self._write(PING_FRAME, False)
+        finally:
+            self.lock.release()
 
     def claim_unstarted(self) -> bool:
         """Return True, and stop pings, if nothing was written yet: an HTTP error can still go."""
@@ -4279,9 +4285,9 @@ class SSEStream:
             self.started = True
             out, body = self.head(), self.preamble + body
         if body:
-            out += b"%x\r\n%s\r\n" % (len(body), body)
+            out += b"%x\r\n%s\r\n" % (len(body), body) if self.chunked else body
         if end:
-            out += b"0\r\n\r\n"
+            out += b"0\r\n\r\n" if self.chunked else b""
             self.finished = True
         if not out:
             return
@@ -4298,20 +4304,49 @@ class SSEStream:
         self.on_abort()
 
 
+POLL_EVENTS = select.POLLIN | select.POLLOUT if hasattr(select, "poll") else 0
+POLL_GONE = (select.POLLHUP | select.POLLERR | select.POLLNVAL) if hasattr(select, "poll") else 0
+PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
+
+
+def socket_states(socks: list) -> tuple:
+    """Return (readable, hung up, writable) sets of the sockets' descriptors, at once.
+
+    poll() watches any descriptor; select() (the fallback where there is no poll) stops at
+    FD_SETSIZE, so with 1,000 streams some clients would go unwatched."""
+    if not POLL_EVENTS:
+        fds = [sock.fileno() for sock in socks]
+        readable, writable, _ = select.select(fds, fds, [], 0)
+        return set(readable), set(), set(writable)
+    poller = select.poll()
+    for sock in socks:
+        poller.register(sock.fileno(), POLL_EVENTS)
+    readable, gone, writable = set(), set(), set()
+    for fd, events in poller.poll(0):
+        if events & POLL_GONE:
+            gone.add(fd)
+        elif events & select.POLLIN:
+            readable.add(fd)
+        if events & select.POLLOUT:
+            writable.add(fd)
+    return readable, gone, writable
+
+
 def _client_left(sock: socket.socket) -> bool:
-    """Return True if the client closed its end (readable with nothing to read)."""
+    """Return True if a readable client socket is at its end (a peek gives nothing)."""
     try:
-        if not select.select([sock], [], [], 0)[0]:
-            return False
-        return sock.recv(1, socket.MSG_PEEK) == b""
-    except ValueError:  # a descriptor select() cannot watch: rely on the next write instead
+        return sock.recv(1, PEEK_FLAGS) == b""
+    except (BlockingIOError, InterruptedError, socket.timeout):
         return False
     except OSError:
         return True
 
 
 class StreamWatch:
-    """One thread for all streams: pings the idle ones and aborts those whose client left."""
+    """One thread for all streams: pings the idle ones and aborts those whose client left.
+
+    It never blocks on a stream: a stream busy writing (its lock held) or whose client's
+    window is full is skipped this round; its own write has WRITE_TIMEOUT."""
 
     def __init__(self, interval: float):
         self.interval = interval
@@ -4337,15 +4372,24 @@ class StreamWatch:
             time.sleep(tick)
             with self._lock:
                 streams = list(self.streams.items())
-            now = time.monotonic()
-            for stream, sock in streams:
-                try:
-                    if _client_left(sock):
-                        stream.abort()
-                    elif now - stream.last_write >= self.interval:
-                        stream.ping()
-                except ClientGone:
-                    pass
+            if streams:
+                self.check(streams, time.monotonic())
+
+    def check(self, streams: list, now: float) -> None:
+        """Abort the streams whose client left; ping the idle ones that can take it now."""
+        try:
+            readable, gone, writable = socket_states([sock for _, sock in streams])
+        except (OSError, ValueError):  # a socket closed meanwhile: next round
+            return
+        for stream, sock in streams:
+            fd = sock.fileno()
+            try:
+                if fd in gone or fd in readable and _client_left(sock):
+                    stream.abort()
+                elif fd in writable and now - stream.last_write >= self.interval:
+                    stream.ping()
+            except ClientGone:
+                pass
 
 
 # Claude Code's attribution headers, shown on the access line so an operator can add up a
@@ -4668,7 +4712,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.send_json(200, fold.message(), {"x-gemini-model": fold.request.model})
         else:
             self.stream = SSEStream(self.wfile.write, cancel, lambda: self.stream_head(fold),
-                                    fold.start())
+                                    fold.start(), self.request_version != "HTTP/1.0")
             server.watch.add(self.connection, self.stream)
             try:
                 run_fold(open_answer, fold, self.stream.send, live, cancel)
@@ -4680,10 +4724,12 @@ class ProxyHandler(BaseHTTPRequestHandler):
         server.healing.note_served(fold.request.model, fold.model_version)
 
     def stream_head(self, fold: ResponseFold) -> bytes:
-        """Return the head of an SSE response, naming the model that answers."""
-        return self.response_head(200, "text/event-stream", None, {
-            "x-gemini-model": fold.request.model, "Cache-Control": "no-cache",
-            "Transfer-Encoding": "chunked"})
+        """Return the head of an SSE response, naming the model that answers; HTTP/1.0 has no
+        chunks, so its stream ends with the close."""
+        headers = {"x-gemini-model": fold.request.model, "Cache-Control": "no-cache"}
+        if self.request_version != "HTTP/1.0":
+            headers["Transfer-Encoding"] = "chunked"
+        return self.response_head(200, "text/event-stream", None, headers)
 
     # -- batches and files --------------------------------------------------------
 

@@ -2708,6 +2708,55 @@ def test_stream_upstream_error_before_first_chunk_is_plain_http_error(gemini, pr
     assert answer.status == 429 and answer.json["error"]["type"] == "rate_limit_error"
 
 
+def test_http_1_0_stream_is_close_delimited_without_chunks(gemini, proxy):
+    gemini.script = [Reply(chunk(text("one ")), chunk(text("two"), finish="STOP"))]
+    body = json.dumps(dict(messages_body(), stream=True)).encode()
+    replies = exchange(proxy, b"POST /v1/messages HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s"
+                       % (len(body), body))
+    assert [r.status for r in replies] == [200] and replies[0].headers["connection"] == "close"
+    assert "transfer-encoding" not in replies[0].headers
+    _, message = read_sse(replies[0].body)
+    assert message["content"][0]["text"] == "one two"
+
+
+def test_a_client_that_stops_reading_is_cut_and_stalls_no_other_stream(gemini, start_proxy):
+    quick = start_proxy(make_config(gemini, write_timeout=1.0, ping_interval=0.1))
+    flood = [chunk(text("x" * 30000)) for _ in range(200)]  # past any socket buffer
+    gemini.script = [Reply(*flood, chunk(text("end"), finish="STOP"), hold_after=200),
+                     Reply(chunk(text("ok"), finish="STOP"), before=0.8)]
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck.connect(("127.0.0.1", quick.port))
+    payload = json.dumps(dict(messages_body(), stream=True)).encode()
+    stuck.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                  % (len(payload), payload))  # and never reads
+    try:
+        assert wait_for(lambda: len(gemini.requests) == 1)
+        started = time.monotonic()
+        events, message = stream(quick, messages_body())
+        assert message["content"][0]["text"] == "ok" and time.monotonic() - started < 1.5
+        assert len([e for e in events if e["type"] == "ping"]) >= 4  # on time, every 0.1 s
+        # The stuck stream ended on its write timeout while Gemini still held its answer.
+        assert wait_for(lambda: quick.server.active_requests == 0, 3) and not gemini.hold.is_set()
+    finally:
+        gemini.hold.set()
+        stuck.close()
+
+
+def test_client_left_detection_watches_descriptors_past_1024():
+    ours, theirs = socket.socketpair()
+    high = socket.socket(fileno=os.dup2(ours.fileno(), 1500))
+    ours.close()
+    try:
+        assert cgp.socket_states([high])[2] == {1500}  # writable, seen through poll()
+        assert not cgp._client_left(high)
+        theirs.close()
+        readable, gone, _ = cgp.socket_states([high])
+        assert 1500 in readable | gone and cgp._client_left(high)
+    finally:
+        high.close()
+
+
 def test_stream_pings_while_gemini_is_silent(gemini, start_proxy):
     quick = start_proxy(make_config(gemini, ping_interval=0.1))
     gemini.script = [Reply(chunk(text("a")), chunk(text("b"), finish="STOP"), pause=0.5)]
