@@ -478,6 +478,8 @@ def bad_request(message: str) -> ProxyError:
 CARRIER_VERSION = b"\x01"
 CARRIER_MAC_BYTES = 16
 CARRIER_NONCE_BYTES = 6  # two calls with the same Gemini call id still get distinct tool ids
+# The shortest token a carrier makes (empty model, call id and signature): shorter ids are not.
+CARRIER_MIN_CHARS = (1 + CARRIER_NONCE_BYTES + 4 + CARRIER_MAC_BYTES) * 4 // 3
 # What kind of Gemini part a signature came on, so replay puts it back on the same kind.
 KIND_CALL, KIND_THOUGHT = b"f", b"t"
 
@@ -1211,6 +1213,7 @@ class _HistoryTranslator:
         self.model = model
         self.signatures = signatures
         self.new_media = model_version(rules_model) >= (3, 0)
+        self.dropped: dict = {}  # why signature carriers were not replayed -> how many
         self.contents: list = []
         self.notes: list = []  # an assistant message's system notes, for the user turn after it
         self.pending: OrderedDict = OrderedDict()  # tool_use id -> (gemini name, call id)
@@ -1244,7 +1247,7 @@ class _HistoryTranslator:
                 if block.get("text"):  # without Gemini's text signature: see ResponseFold._part
                     parts.append({"text": block["text"]})
             elif kind == "thinking":  # {thinking, signature}: only Gemini's own, same model
-                carried = self.signatures.resolve(block.get("signature") or "")
+                carried = self._carried(block.get("signature") or "")
                 if carried and carried.model == self.model and carried.kind == KIND_THOUGHT:
                     parts.append({"text": block.get("thinking") or "", "thought": True,
                                   "thoughtSignature": carried.signature})
@@ -1258,10 +1261,22 @@ class _HistoryTranslator:
                 parts.extend(_other_block_parts(block))
         return parts
 
+    def _carried(self, token: str) -> Carried | None:
+        """Return what a carrier holds, counting the ones that cannot be replayed here."""
+        carried = self.signatures.resolve(token)
+        if carried is None and len(token) >= CARRIER_MIN_CHARS:
+            why = "bad MAC (another key, another client's id, or altered)"
+        elif carried is not None and carried.model != self.model:
+            why = f"issued by {carried.model}"
+        else:
+            return carried
+        self.dropped[why] = self.dropped.get(why, 0) + 1
+        return carried
+
     def _call_part(self, block: dict) -> dict:
         tool_id, name = block["id"], block["name"]
         args = block.get("input") or {}
-        carried = self.signatures.resolve(tool_id[6:]) if tool_id.startswith("toolu_") else None
+        carried = self._carried(tool_id[6:]) if tool_id.startswith("toolu_") else None
         call = {"name": gemini_tool_name(name), "args": args}
         if carried and carried.call_id:
             call["id"] = carried.call_id
@@ -1311,6 +1326,9 @@ class _HistoryTranslator:
 
     def finish(self) -> list:
         """Return the contents, with the bypass signature where Gemini 3 may require one."""
+        if self.dropped:
+            log.debug("signature carriers not replayed to %s: %s", self.model, ", ".join(
+                f"{count} {why}" for why, count in self.dropped.items()))
         contents = self.contents
         if contents and contents[0]["role"] == "model":  # Gemini rejects history opening on a call
             contents.insert(0, {"role": "user", "parts": [{"text": "(continued conversation)"}]})
@@ -1820,6 +1838,15 @@ BYTES_PER_TOKEN = 4  # for estimates, before (or without) Gemini's own count
 RETRY_FINISH_REASONS = ("MALFORMED_FUNCTION_CALL", "UNEXPECTED_TOOL_CALL", "MALFORMED_RESPONSE")
 
 
+def _log_refusal(what: str, reason: str, rated: dict) -> None:
+    """Log at DEBUG why Gemini refused: the reason and the safety categories it rated high."""
+    ratings = rated.get("safetyRatings") if isinstance(rated, dict) else None
+    categories = [r.get("category") for r in ratings or () if isinstance(r, dict) and (
+        r.get("blocked") or r.get("probability") in ("MEDIUM", "HIGH"))]
+    log.debug("Gemini %s: %s (safety categories: %s)", what, reason,
+              ", ".join(map(str, categories)) or "none named")
+
+
 def sse_frame(event: str, data: dict) -> bytes:
     """Return one Anthropic SSE event as bytes."""
     return b"event: %s\ndata: %s\n\n" % (event.encode(), json.dumps(data, separators=(",", ":"),
@@ -1882,6 +1909,7 @@ class ResponseFold:
         block_reason = (chunk.get("promptFeedback") or {}).get("blockReason")
         if block_reason:
             self.blocked = block_reason
+            _log_refusal("blocked the prompt", block_reason, chunk["promptFeedback"])
         candidates = chunk.get("candidates")
         if not candidates or not isinstance(candidates[0], dict):
             return events
@@ -1895,6 +1923,8 @@ class ResponseFold:
                 self._part(part, events)
         if candidate.get("finishReason"):
             self.finish_reason = candidate["finishReason"]
+            if STOP_REASONS.get(self.finish_reason) == "refusal":
+                _log_refusal("stopped", self.finish_reason, candidate)
         return events
 
     def retryable(self) -> bool:
@@ -4571,12 +4601,17 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if isinstance(exc, ClientGone):
             self.close_connection = True
             self.status = 499  # client closed the connection
+            log.debug("answering 499: the client closed the connection")
             return
         if not isinstance(exc, ProxyError):
             log.exception("request %s failed", self.request_id)
             exc = ProxyError(500, "api_error", f"the proxy failed on this request "
                              f"({self.request_id})")
         body = exc.body(self.request_id)
+        cut = self.stream is not None and self.stream.started
+        log.debug("answering %d %s %s: %s", exc.status, exc.error_type,
+                  "as an SSE error event, the stream cut after its first events" if cut
+                  else "before any of the answer was sent", exc.message)
         if self.stream is None or self.stream.claim_unstarted():
             self.send_json(exc.status, body, exc.headers)
             return

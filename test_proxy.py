@@ -1972,6 +1972,49 @@ def test_529_without_a_gemini_retry_delay_carries_the_proxys_own_backoff(gemini,
     assert answer.status == 529 and answer.headers["retry-after"] == "2"
 
 
+def debug_lines(caplog, start):
+    return [r.getMessage() for r in caplog.records if r.levelname == "DEBUG" and r.getMessage().startswith(start)]
+
+
+def test_debug_names_the_cause_of_every_non_200(gemini, proxy, caplog):
+    caplog.set_level("DEBUG", logger="claude_gemini_proxy")
+    overflow = "The input token count (1200293) exceeds the maximum number of tokens allowed (1048576)."
+    gemini.script = [Reply(status=400, error=gemini_error(400, overflow)),
+                     Reply(chunk(text("partial")), {"error": {"code": 503, "message": "high demand"}})]
+    assert post(proxy, messages_body()).status == 400
+    stream(proxy, messages_body())
+    wait_for_log(caplog, "POST /v1/messages 529")
+    assert debug_lines(caplog, "answering ") == [
+        "answering 400 invalid_request_error before any of the answer was sent: prompt is too long: 1200293 "
+        "tokens > 1048576 maximum",
+        "answering 529 overloaded_error as an SSE error event, the stream cut after its first events: Gemini: high "
+        "demand"]
+    assert "Gemini answered HTTP 400 for gemini-3.5-flash: prompt is too long" in "\n".join(
+        debug_lines(caplog, "Gemini answered HTTP"))
+
+
+def test_debug_names_the_safety_category_and_the_signature_carriers_left_out(gemini, proxy, caplog):
+    caplog.set_level("DEBUG", logger="claude_gemini_proxy")
+    refused = chunk(text(""), finish="SAFETY")
+    refused["candidates"][0]["safetyRatings"] = [
+        {"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "HIGH", "blocked": True},
+        {"category": "HARM_CATEGORY_HARASSMENT", "probability": "NEGLIGIBLE"}]
+    gemini.script = [Reply(refused)]
+    assert post(proxy, messages_body()).json["stop_reason"] == "refusal"
+    assert debug_lines(caplog, "Gemini stopped") == [
+        "Gemini stopped: SAFETY (safety categories: HARM_CATEGORY_DANGEROUS_CONTENT)"]
+    history = run_tool_rounds([proxy], gemini, rounds=1)[:-1]
+    token = history[1]["content"][-1]["id"]
+    tampered = token[:30] + ("A" if token[30] != "A" else "B") + token[31:]
+    assert post(proxy, {"model": "gemini-3.1-pro-preview", "max_tokens": 100, "messages": history}).status == 200
+    history[1]["content"][-1]["id"] = history[2]["content"][0]["tool_use_id"] = tampered
+    assert post(proxy, {"model": "gemini-3.5-flash", "max_tokens": 100, "messages": history}).status == 200
+    assert debug_lines(caplog, "signature carriers") == [
+        "signature carriers not replayed to gemini-3.1-pro-preview: 1 issued by gemini-3.5-flash",
+        "signature carriers not replayed to gemini-3.5-flash: 1 bad MAC (another key, another client's id, or "
+        "altered)"]
+
+
 # == HTTP handler: routes, auth, limits ======================================
 
 def test_health_needs_no_auth_and_never_calls_gemini(gemini, start_proxy):
