@@ -947,6 +947,8 @@ UNSAFE_MODEL_PARTS = ("/", "?", "#", "%", "..", "\\")
 def map_model(client_model: str, config: Config) -> str:
     """Return the Gemini model for a client's model name; raise ProxyError for unsafe names."""
     name = client_model[:-4] if client_model.endswith("[1m]") else client_model
+    if not (name.isascii() and name.isprintable()):  # it reaches x-gemini-model and the logs
+        raise bad_request(f"model: {ascii(client_model)} has control or non-ASCII characters")
     if any(bad in name for bad in UNSAFE_MODEL_PARTS) or not name.strip():
         raise ProxyError(
             400, "invalid_request_error", f"model: {client_model!r} is not a valid model name"
@@ -2437,13 +2439,34 @@ def _token_kinds(usage: dict) -> tuple:
             ("thinking", details.get("thinking_tokens", 0)))
 
 
+def label_value(value) -> str:
+    """Return a Prometheus label value escaped per the text format (\\, \", \n)."""
+    text = str(value)
+    if "\\" in text or '"' in text or "\n" in text:
+        text = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return text
+
+
 def _labelled(name: str, help_text: str, counts: dict, label: str) -> list:
-    """Return a counter's lines from {model: {label value: count}}."""
+    """Return a counter's lines from {model label: {label value: count}}."""
     lines = [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
     for model, by_label in sorted(counts.items()):
-        lines += [f'{name}{{model="{model}",{label}="{value}"}} {count}'
-                  for value, count in by_label.items()]
+        lines += [f'{name}{{model="{label_value(model)}",{label}="{label_value(value)}"}} '
+                  f'{count}' for value, count in by_label.items()]
     return lines
+
+
+def _merged(counts: dict, label) -> dict:
+    """Return {model label: {kind: count}} with the models label() folds together summed."""
+    merged: dict = {}
+    for model, by_kind in counts.items():
+        into = merged.setdefault(label(model), dict.fromkeys(by_kind, 0))
+        for kind, count in by_kind.items():
+            into[kind] = into.get(kind, 0) + count
+    return merged
+
+
+MAX_MODEL_SERIES = 64  # distinct model label values; Gemini serves a few dozen models
 
 
 class Metrics:
@@ -2453,12 +2476,36 @@ class Metrics:
         self.requests: dict = {}  # (route, status, gemini model) -> count
         self.tokens: dict = {}  # gemini model -> {kind: count}, kinds as in TOKEN_KINDS
         self.calls: dict = {}  # gemini model -> {reason: upstream generate calls}
+        # Only models Gemini answered get a series of their own (a client cannot add series);
+        # the rest are "other". Names not yet answered are kept apart up to a cap.
+        self.accepted: set = set()
+        self.pending: set = set()
         self.upstream_seconds = Histogram(LATENCY_BUCKETS)
         self.first_chunk_seconds = Histogram(LATENCY_BUCKETS)
         self._lock = threading.Lock()
 
+    def accept_model(self, model: str) -> None:
+        """Give a model its own series: the upstream answered it (bounded for gateways that
+        answer any name)."""
+        with self._lock:
+            if model not in self.accepted and len(self.accepted) < MAX_MODEL_SERIES:
+                self.accepted.add(model)
+                self.pending.discard(model)
+
+    def _model_key(self, model: str) -> str:
+        if model in self.accepted or model in self.pending or model == "-":
+            return model
+        if len(self.pending) < MAX_MODEL_SERIES:
+            self.pending.add(model)
+            return model
+        return "other"
+
+    def model_label(self, model: str) -> str:
+        return model if model in self.accepted or model == "-" else "other"
+
     def count_request(self, route: str, status: int, model: str, usage: dict | None) -> None:
         with self._lock:
+            model = self._model_key(model)
             key = (route, status, model)
             self.requests[key] = self.requests.get(key, 0) + 1
             if usage:
@@ -2468,6 +2515,7 @@ class Metrics:
 
     def count_call(self, model: str, reason: str) -> None:
         with self._lock:
+            model = self._model_key(model)
             calls = self.calls.setdefault(model, dict.fromkeys(UPSTREAM_CALL_REASONS, 0))
             calls[reason] += 1
 
@@ -2481,15 +2529,21 @@ class Metrics:
         with self._lock:
             lines = [f"# HELP {prefix}requests_total Requests by route, status and Gemini model.",
                      f"# TYPE {prefix}requests_total counter"]
-            for (route, status, model), count in sorted(self.requests.items()):
+            requests: dict = {}
+            for (route, status, model), count in self.requests.items():
+                key = (route, status, self.model_label(model))
+                requests[key] = requests.get(key, 0) + count
+            for (route, status, model), count in sorted(requests.items()):
                 lines.append(
-                    f'{prefix}requests_total{{route="{route}",status="{status}",'
-                    f'model="{model}"}} {count}'
+                    f'{prefix}requests_total{{route="{label_value(route)}",status="{status}",'
+                    f'model="{label_value(model)}"}} {count}'
                 )
             lines += _labelled(prefix + "tokens_total", "Tokens Gemini reported, by model and "
-                               "kind (output includes thinking).", self.tokens, "kind")
+                               "kind (output includes thinking).",
+                               _merged(self.tokens, self.model_label), "kind")
             lines += _labelled(prefix + "upstream_calls_total", "Gemini generate calls by model "
-                               "and reason: all but first are extra.", self.calls, "reason")
+                               "and reason: all but first are extra.",
+                               _merged(self.calls, self.model_label), "reason")
             lines += self.upstream_seconds.render(
                 prefix + "upstream_seconds", "Time to Gemini's response headers."
             )
@@ -2752,6 +2806,8 @@ class UpstreamClient:
             log.debug("upstream %s %s -> %d after %.0f ms (%d bytes sent)", method,
                       path.split("?")[0], response.status, elapsed * 1000, len(payload or b""))
             if response.status == 200:
+                if generation:
+                    self.metrics.accept_model(generation[0])
                 return conn, response
             error = upstream_error(response.status, self._read_all(conn, response))
             if response.status == 401 and self.token_command and not token_refreshed:
@@ -4429,6 +4485,21 @@ CALLER_HEADERS = (("x-claude-code-session-id", "session"), ("x-claude-code-agent
 LOG_WORD_RE = re.compile(r"[^A-Za-z0-9._:-]")
 
 
+class EscapeLogArguments(logging.Filter):
+    """Escape control and non-ASCII characters in a log line's arguments: a path, a model
+    name or a Gemini message quoting the prompt can never start a forged line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(
+                isinstance(a, str) and not (a.isascii() and a.isprintable()) for a in record.args):
+            record.args = tuple(ascii(a)[1:-1] if isinstance(a, str) and not (
+                a.isascii() and a.isprintable()) else a for a in record.args)
+        return True
+
+
+LOG_ESCAPE = EscapeLogArguments()
+
+
 def _log_word(value: str) -> str:
     """Return a client-sent value safe for one field of a log line (no spaces, no newlines)."""
     return LOG_WORD_RE.sub("?", value[:80])
@@ -4876,6 +4947,9 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if self.close_connection:
             lines.append("Connection: close")
         for name, value in (headers or {}).items():
+            value = str(value)
+            if not (value.isascii() and value.isprintable()):  # a CR/LF would start a header
+                raise bad_request(f"{name}: {ascii(value)} cannot be sent as a header value")
             lines.append(f"{name}: {value}")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
@@ -4931,6 +5005,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def log_access(self, method: str) -> None:
         path = self.path.split("?")[0]
         route = getattr(self, "route_name", "") or "other"
+        if self.status == 200 and self.gemini_model != "-":
+            self.server.metrics.accept_model(self.gemini_model)  # count_tokens, list answers
         self.server.metrics.count_request(route, self.status, self.gemini_model, self.usage)
         usage = self.usage or {}
         tokens = " ".join(f"{kind}={count}" for kind, count in _token_kinds(usage)) if usage \
@@ -4996,6 +5072,7 @@ class ProxyServer(ThreadingHTTPServer):
         self.models = ModelCatalog(self.upstream, config)
         self.batches = BatchService(self.upstream, config, self.signatures)
         self.inflight = InflightBytes(config.max_inflight_bytes, config.inflight_wait)
+        log.addFilter(LOG_ESCAPE)  # once per process: addFilter ignores a filter it has
 
 
         self.healing = SelfHealing(config, self.signatures, self.models)

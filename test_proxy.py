@@ -2638,6 +2638,50 @@ def test_json_that_would_parse_past_max_inflight_bytes_is_413(gemini, start_prox
     assert wait_for(lambda: tight.server.inflight.held == 0)
 
 
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens"])
+@pytest.mark.parametrize("model", ["gemini-x\r\nSet-Cookie: session=attacker", "gemini-中文",
+                                   "gemini-x\x7f", "claude-\x00"], ids=["crlf", "cjk", "del", "nul"])
+def test_model_names_that_would_reach_a_header_unclean_are_400(gemini, proxy, path, model):
+    answer = post(proxy, dict(messages_body(), model=model), path=path)
+    assert answer.status == 400 and answer.json["error"]["type"] == "invalid_request_error"
+    assert answer.json["error"]["message"].startswith("model: ")
+    assert "set-cookie" not in answer.headers and gemini.requests == []
+
+
+def test_log_lines_escape_what_they_quote_from_a_request(gemini, proxy, caplog):
+    caplog.set_level("DEBUG", logger="claude_gemini_proxy")
+    forged = "\n2026-01-01 00:00:00,000 INFO [req_x] POST /v1/messages 200"
+    assert post(proxy, dict(messages_body(), model="gemini-x" + forged)).status == 400
+    gemini.script = [Reply(status=400, error=gemini_error(400, "bad value" + forged))]
+    assert post(proxy, messages_body()).status == 400
+    replies = exchange(proxy, b"GET /v1/\x1b[2Jnothing\x01 HTTP/1.1\r\nHost: x\r\n\r\n", 1)
+    assert [r.status for r in replies] == [404]
+    lines = caplog.text.splitlines()
+    assert lines and not any(line.startswith("2026-01-01") for line in lines)
+    assert "\x1b" not in caplog.text and "\\x1b[2Jnothing\\x01" in caplog.text
+    assert any("bad value\\n2026-01-01" in line for line in lines)
+
+
+def test_metrics_escape_labels_and_give_only_answered_models_a_series(gemini, proxy):
+    names = [f"gemini-made-up-{i}" for i in range(100)]
+    gemini.retired.update(names)
+    for name in names:
+        assert post(proxy, dict(messages_body(), model=name)).status == 404
+    assert post(proxy, dict(messages_body(), model='gemini-odd"name')).status == 200
+    assert post(proxy, messages_body()).status == 200
+    metrics = request(proxy, "GET", "/metrics").raw.decode()
+    series = [line for line in metrics.splitlines() if line.startswith(
+        "claude_gemini_proxy_requests_total{")]
+    assert len(series) == 3, series  # two answered models and "other", never a series a name
+    assert 'route="/v1/messages",status="404",model="other"} 100' in metrics
+    assert 'model="gemini-odd\\"name"' in metrics and 'model="gemini-3.5-flash"' in metrics
+    assert len(proxy.server.metrics.pending) <= cgp.MAX_MODEL_SERIES
+
+
+def test_label_values_are_escaped_per_the_text_format():
+    assert cgp.label_value('a"b\\c\nd') == 'a\\"b\\\\c\\nd' and cgp.label_value(200) == "200"
+
+
 # == HTTP handler: streaming ================================================
 
 def test_stream_relays_text_as_it_arrives(gemini, proxy):
