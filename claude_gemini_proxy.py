@@ -2806,8 +2806,6 @@ class UpstreamClient:
             log.debug("upstream %s %s -> %d after %.0f ms (%d bytes sent)", method,
                       path.split("?")[0], response.status, elapsed * 1000, len(payload or b""))
             if response.status == 200:
-                if generation:
-                    self.metrics.accept_model(generation[0])
                 return conn, response
             error = upstream_error(response.status, self._read_all(conn, response))
             if response.status == 401 and self.token_command and not token_refreshed:
@@ -5006,7 +5004,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         path = self.path.split("?")[0]
         route = getattr(self, "route_name", "") or "other"
         if self.status == 200 and self.gemini_model != "-":
-            self.server.metrics.accept_model(self.gemini_model)  # count_tokens, list answers
+            self.server.metrics.accept_model(self.gemini_model)  # Gemini answered with it
         self.server.metrics.count_request(route, self.status, self.gemini_model, self.usage)
         usage = self.usage or {}
         tokens = " ".join(f"{kind}={count}" for kind, count in _token_kinds(usage)) if usage \
