@@ -1208,6 +1208,23 @@ def _part_mime(part: dict) -> str:
     return (part.get("inlineData") or part.get("fileData") or {}).get("mimeType", "")
 
 
+PREFILL_NOTE = "(Continue your answer from exactly where this text ends, without repeating it.)\n"
+
+
+def prefill_as_user(contents: list) -> bool:
+    """Move a closing model turn of plain text (an assistant prefill) into the user turn before
+    it, for models that refuse requests ending with a model turn; return True if it did."""
+    last = contents[-1] if len(contents) > 1 else None
+    if not last or last["role"] != "model" or contents[-2]["role"] != "user" or any(
+        not isinstance(part.get("text"), str) or part.get("thought") for part in last["parts"]
+    ):
+        return False
+    text = "".join(part["text"] for part in last["parts"])
+    contents.pop()
+    contents[-1]["parts"] = contents[-1]["parts"] + [{"text": PREFILL_NOTE + text}]
+    return True
+
+
 class _HistoryTranslator:
     """Walks the messages once, turning blocks into Gemini contents for one target model."""
 
@@ -1215,6 +1232,7 @@ class _HistoryTranslator:
         self.model = model
         self.signatures = signatures
         self.new_media = model_version(rules_model) >= (3, 0)
+        self.prefill = model_version(rules_model) < (3, 6)  # 3.6+ refuses a closing model turn
         self.dropped: dict = {}  # why signature carriers were not replayed -> how many
         self.contents: list = []
         self.notes: list = []  # an assistant message's system notes, for the user turn after it
@@ -1334,6 +1352,8 @@ class _HistoryTranslator:
         contents = self.contents
         if contents and contents[0]["role"] == "model":  # Gemini rejects history opening on a call
             contents.insert(0, {"role": "user", "parts": [{"text": "(continued conversation)"}]})
+        if not self.prefill:
+            prefill_as_user(contents)
         for content in contents:  # parts of consecutive same-role messages: responses first
             if content["role"] == "user" and len(content["parts"]) > 1:
                 content["parts"].sort(key=lambda part: "functionResponse" not in part)
@@ -3247,6 +3267,7 @@ HEALABLE_FIELDS = tuple((re.compile(pattern, re.I), field) for pattern, field in
     (r"\bresponse_?json_?schema\b", "responseJsonSchema"),
     (r"function_?response\.parts|\"parts\" at '[^']*function_?response", "functionResponse.parts"),
     (r"\bsafety_?settings\b|\bHARM_CATEGORY_", "safetySettings"),
+    (r"ending with a model turn", "prefill"),
 ))
 # What the WARNING says for each kind of fix: (what Gemini refused, what the proxy does).
 FIX_WORDS = {
@@ -3258,6 +3279,7 @@ FIX_WORDS = {
     "schema_in_prompt": ("responseJsonSchema", "puts the schema in the system instruction"),
     "safety": ("safety category {}", "leaves it out"),
     "media_beside": ("media inside functionResponse.parts", "puts it after the responses"),
+    "prefill_as_user": ("a closing model turn (prefill)", "sends it in the user turn"),
 }
 
 
@@ -3341,7 +3363,12 @@ def _fix_media_beside(body: dict, _arg) -> bool:
     return changed
 
 
-FIXES = {"drop": _fix_drop, "level": _fix_level, "level_as_budget": _fix_level_as_budget,
+def _fix_prefill_as_user(body: dict, _arg) -> bool:
+    return prefill_as_user(body.get("contents") or [])
+
+
+FIXES = {"prefill_as_user": _fix_prefill_as_user, "drop": _fix_drop, "level": _fix_level,
+         "level_as_budget": _fix_level_as_budget,
          "budget_as_level": _fix_budget_as_level, "budget_range": _fix_budget_range,
          "schema_in_prompt": _fix_schema_in_prompt, "safety": _fix_safety,
          "media_beside": _fix_media_beside}
@@ -3371,6 +3398,8 @@ def fix_for(message: str, field: str, body: dict) -> tuple | None:
         return ("schema_in_prompt", None)
     if field == "functionResponse.parts":
         return ("media_beside", None)
+    if field == "prefill":
+        return ("prefill_as_user", None)
     named = SAFETY_CATEGORY_RE.findall(message)
     return ("safety", named[0]) if named else None
 
@@ -5071,8 +5100,6 @@ class ProxyServer(ThreadingHTTPServer):
         self.batches = BatchService(self.upstream, config, self.signatures)
         self.inflight = InflightBytes(config.max_inflight_bytes, config.inflight_wait)
         log.addFilter(LOG_ESCAPE)  # once per process: addFilter ignores a filter it has
-
-
         self.healing = SelfHealing(config, self.signatures, self.models)
         self.lock = threading.Lock()
         self.active_requests = 0

@@ -1857,6 +1857,13 @@ OPTIONAL_FIELD_REFUSALS = {
         lambda g: "parts" in g["contents"][2]["parts"][0]["functionResponse"],
         lambda g: "parts" not in g["contents"][2]["parts"][0]["functionResponse"]
         and "inlineData" in g["contents"][2]["parts"][1]),
+    "prefill": (
+        "gemini-3.5-flash", messages_body(None, messages=[{"role": "user", "content": "Name a colour."},
+                                                          {"role": "assistant", "content": "The colour is"}]),
+        "Requests ending with a model turn are not supported.",
+        lambda g: g["contents"][-1] == {"role": "model", "parts": [{"text": "The colour is"}]},
+        lambda g: g["contents"] == [{"role": "user", "parts": [
+            {"text": "Name a colour."}, {"text": cgp.PREFILL_NOTE + "The colour is"}]}]),
 }
 
 
@@ -1954,6 +1961,15 @@ def test_rules_follow_the_model_gemini_says_serves_the_name(gemini, proxy, caplo
     first, second = [body["generationConfig"] for body in gemini.bodies]
     assert first["temperature"] == 0.2 and "temperature" not in second  # 3.6 ignores or refuses it
     assert sum("Gemini serves gemini-3.5-flash with gemini-3.6-flash" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_prefill_goes_in_the_user_turn_for_models_that_refuse_one():
+    messages = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "The colour is"}]
+    older = translate({"messages": messages}, model="gemini-3.5-flash")
+    assert older.body["contents"][-1]["role"] == "model"
+    newer = translate({"messages": messages}, model="gemini-3.6-flash")
+    assert newer.body["contents"] == [{"role": "user", "parts": [
+        {"text": "Name a colour."}, {"text": cgp.PREFILL_NOTE + "The colour is"}]}]
 
 
 def test_rules_use_the_model_lists_limits_and_thinking(gemini, proxy):
