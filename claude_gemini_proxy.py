@@ -38,7 +38,8 @@ Environment (command-line flags beat the environment, which beats a ./.env file)
 
 Sections (grep '^# ==' for line numbers): Configuration, Errors, Signature store,
 Request: shapes and validation, Request: Anthropic -> Gemini, Response: Gemini -> Anthropic,
-Operators: metrics, Upstream client, Model list, Self-healing, HTTP handler, Main.
+Operators: metrics, Upstream client, Model list, Self-healing, Batches and files, HTTP handler,
+Main.
 
 Copyright (c) 2026 the claude_gemini_proxy authors.
 License: MIT (see LICENSE)
@@ -407,6 +408,9 @@ CONTEXT_OVERFLOW_RE = re.compile(r"input token count \(?(\d+)\)? exceeds the max
                                  r"tokens allowed \(?(\d+)\)?", re.IGNORECASE)
 
 
+GONE_FILE_WORDS = "or it may not exist"  # Gemini's 403 for a file it no longer has
+
+
 def parse_retry_delay(error: dict) -> float | None:
     """Return the seconds of a Gemini RetryInfo detail, or None."""
     for detail in error.get("details") or ():
@@ -442,6 +446,9 @@ def upstream_error(status: int, payload: bytes) -> UpstreamError:
     overflow = CONTEXT_OVERFLOW_RE.search(message)
     if overflow:
         message = f"prompt is too long: {overflow.group(1)} tokens > {overflow.group(2)} maximum"
+    elif status == 403 and GONE_FILE_WORDS in message:  # a deleted file, not a refused key
+        client_status, error_type = 400, "invalid_request_error"
+        message = f"file_id: Gemini no longer has this file (deleted, or past 48 hours): {message}"
     elif status in (401, 403) or key_invalid:
         client_status, error_type = 403, "permission_error"
         message = f"Gemini rejected the proxy's API key: {message}"

@@ -4615,6 +4615,10 @@ def test_file_routes_get_list_pages_content_and_delete(gemini, proxy):
     assert deleted.status == 200 and deleted.json == {"id": ids[1], "type": "file_deleted"}
     gone = request(proxy, "GET", f"/v1/files/{ids[1]}")
     assert gone.status == 404 and gone.json["error"]["type"] == "not_found_error"
+    document = {"type": "document", "source": {"type": "file", "file_id": ids[1]}}
+    used = post(proxy, messages_body([document]))  # Gemini answers 403 for a file it no longer has
+    assert used.status == 400 and used.json["error"]["message"].startswith(
+        "file_id: Gemini no longer has this file") and used.headers["x-should-retry"] == "false"
     assert request(proxy, "GET", "/v1/files?limit=0").status == 400
 
 
