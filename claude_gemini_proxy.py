@@ -3880,7 +3880,11 @@ class BatchService:
             jsonl = self.upstream.upload(display, "application/jsonl", _iter_reader(lines))
             batch["inputConfig"] = {"fileName": jsonl["name"]}
             payload = json.dumps({"batch": batch}).encode()
-        return self.upstream.call_json("POST", model_path(model, "batchGenerateContent"), payload)
+        operation = self.upstream.call_json("POST", model_path(model, "batchGenerateContent"),
+                                            payload)
+        stats = operation.setdefault("metadata", {}).setdefault("batchStats", {})
+        stats.setdefault("requestCount", str(len(requests)))  # a new batch may not count yet
+        return operation
 
     def _discard(self, name: str) -> None:
         for method, path in (("POST", f"/{name}:cancel"), ("DELETE", f"/{name}")):
@@ -3961,7 +3965,8 @@ class BatchService:
         for key, answer in self._answers(meta.get("output") or operation.get("response") or {}):
             answered.add(key)
             custom_id, request = _keyed_request(key, model)
-            yield _result_line(custom_id, self._result(request, answer))
+            message_id = hashlib.sha256(f"{operation['name']}\0{key}".encode()).hexdigest()[:24]
+            yield _result_line(custom_id, self._result(request, answer, "msg_" + message_id))
         inline = ((meta.get("inputConfig") or {}).get("requests") or {}).get("requests") or ()
         for item in inline:  # requests Gemini never answered: canceled, expired or errored
             key = (item.get("metadata") or {}).get("key") if isinstance(item, dict) else None
@@ -3986,10 +3991,11 @@ class BatchService:
                 if isinstance(answer, dict):
                     yield answer.get("key"), answer
 
-    def _result(self, request: GeminiRequest, answer: dict) -> dict:
+    def _result(self, request: GeminiRequest, answer: dict, message_id: str) -> dict:
         if not isinstance(answer.get("response"), dict):
             return _errored(500, answer.get("error") or "Gemini returned no answer")
         fold = ResponseFold(request, self.signatures)
+        fold.id = message_id  # the same on every download of the results
         try:
             fold.feed(answer["response"])
             fold.finish()

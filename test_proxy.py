@@ -4713,6 +4713,9 @@ def test_batch_requests_translate_as_messages_do_and_results_map_back_by_key(gem
     assert ended["results_url"] == f"http://127.0.0.1:{proxy.port}/v1/messages/batches/{batch['id']}/results"
     lines = {line["custom_id"]: line["result"] for line in results(proxy, batch["id"])}
     assert sorted(lines) == ["r0", "r1", "r2"] and all(r["type"] == "succeeded" for r in lines.values())
+    again = {line["custom_id"]: line["result"]["message"]["id"] for line in results(proxy, batch["id"])}
+    assert again == {custom_id: r["message"]["id"] for custom_id, r in lines.items()}  # stable ids
+    assert len(set(again.values())) == 3
     assert lines["r0"]["message"]["content"] == [{"type": "text", "text": "zero"}]
     assert lines["r0"]["message"]["model"] == "claude-sonnet-4-5-20250929"
     assert lines["r1"]["message"]["content"][0]["name"] == "get weather!"  # renamed back
