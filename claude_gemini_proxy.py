@@ -811,6 +811,21 @@ DOCUMENT_SOURCES = dict(MEDIA_SOURCES, content=Obj({"content": Either(
 DOCUMENT_BLOCK = Obj({"source": Blocks(DOCUMENT_SOURCES), "title": STRING}, required=("source",))
 SEARCH_RESULT_BLOCK = Obj({"source": STRING, "title": STRING,
                            "content": Arr(Blocks({"text": TEXT_BLOCK}))})
+TOOL = Obj({
+    "name": STRING, "type": STRING, "description": STRING, "input_schema": ANY_OBJECT,
+    "defer_loading": BOOLEAN, "allowed_domains": STRINGS, "blocked_domains": STRINGS,
+}, required=("name",))
+# Mid-conversation tool changes (SDK beta_request_tool_addition_block_param.py): what _tool_changes
+# reads of the tool they name.
+TOOL_CHANGE_TARGETS = {
+    "tool_reference": Obj({"name": STRING}, required=("name",)),
+    "mcp_tool_reference": Obj({"server_name": STRING, "name": STRING},
+                              required=("server_name", "name")),
+    "mcp_toolset_reference": Obj({"server_name": STRING}, required=("server_name",)),
+    "tool_definition": Obj({"definition": TOOL}, required=("definition",)),
+}
+TOOL_CHANGE = Obj({"tool": Blocks(TOOL_CHANGE_TARGETS)}, required=("tool",))
+TOOL_CHANGES = {"tool_addition": TOOL_CHANGE, "tool_removal": TOOL_CHANGE}
 TOOL_RESULT_BLOCKS = {
     "text": TEXT_BLOCK,
     "image": IMAGE_BLOCK,
@@ -829,16 +844,22 @@ CONTENT_BLOCKS = {
     "tool_use": Obj({"id": STRING, "name": STRING, "input": ANY_OBJECT}, required=("id", "name")),
     "tool_result": Obj({"tool_use_id": STRING, "is_error": BOOLEAN, "content": Either(
         STRING, Arr(Blocks(TOOL_RESULT_BLOCKS)))}, required=("tool_use_id",)),
+    **TOOL_CHANGES,
+    "compaction": Obj({"content": STRING, "tool_changes": Arr(Blocks(TOOL_CHANGES))}),
+    # Server tool blocks: only code execution's are read (_code_execution_parts).
+    "server_tool_use": Obj({"id": STRING, "name": STRING, "input": Obj({"code": STRING})},
+                           required=("id", "name")),
+    "code_execution_tool_result": Obj({"tool_use_id": STRING, "content": Blocks({
+        "code_execution_result": Obj({"stdout": STRING, "stderr": STRING,
+                                      "return_code": Scalar(int)}),
+        "code_execution_tool_result_error": Obj({"error_code": STRING})})},
+        required=("tool_use_id", "content")),
 }
 SYSTEM_BLOCKS = {"text": TEXT_BLOCK}
 MESSAGE = Obj({
     "role": Scalar(str, choices=("user", "assistant", "system")),
     "content": Either(STRING, Arr(Blocks(CONTENT_BLOCKS))),
 }, required=("role", "content"))
-TOOL = Obj({
-    "name": STRING, "type": STRING, "description": STRING, "input_schema": ANY_OBJECT,
-    "defer_loading": BOOLEAN, "allowed_domains": STRINGS, "blocked_domains": STRINGS,
-}, required=("name",))
 NUMBER = Scalar(float)
 # The Messages body; count_tokens takes the same one (the translator reads both alike).
 MESSAGES_BODY = Obj({
@@ -1125,8 +1146,7 @@ def _other_block_parts(block: dict) -> list:
         inner = "\n".join(c["text"] for c in block.get("content") or ())
         return [{"text": f"{block.get('title') or ''} ({block.get('source') or ''})\n{inner}"}]
     if kind == "compaction":  # {content: summary or null (a failed compaction: a no-op)}
-        return [{"text": block["content"]}] if isinstance(block.get("content"), str) \
-            and block["content"] else []
+        return [{"text": block["content"]}] if block.get("content") else []
     if kind in SILENT_BLOCKS:
         return []
     if isinstance(block.get("text"), str):  # a block type newer than this proxy
@@ -1157,22 +1177,21 @@ def _code_execution_parts(block: dict) -> list:
     """Return the executableCode / codeExecutionResult part of a code execution block in an
     assistant turn; other server tools' blocks have no Gemini form."""
     if block["type"] == "server_tool_use":  # {id, name, input: {code}}
-        code = block.get("input").get("code") if isinstance(block.get("input"), dict) else None
-        if block.get("name") != "code_execution" or not isinstance(code, str):
+        code = (block.get("input") or {}).get("code")
+        if block["name"] != "code_execution" or code is None:
             return []
         return [{"executableCode": {"language": "PYTHON", "code": code}}]
-    result = block.get("content")  # {tool_use_id, content: result or error}
-    result = result if isinstance(result, dict) else {}
-    if result.get("type") == "code_execution_result":  # {stdout, stderr, return_code}
+    result = block["content"]  # {tool_use_id, content: a result or an error}
+    if result["type"] == "code_execution_result":  # {stdout, stderr, return_code}
         failed = result.get("return_code") != 0
         output = (result.get("stderr") if failed else result.get("stdout")) or ""
         return [{"codeExecutionResult": {"outcome": "OUTCOME_FAILED" if failed else "OUTCOME_OK",
-                                         "output": str(output)}}]
-    if result.get("type") == "code_execution_tool_result_error":  # {error_code}
+                                         "output": output}}]
+    if result["type"] == "code_execution_tool_result_error":  # {error_code}
         timed_out = result.get("error_code") == "execution_time_exceeded"
         return [{"codeExecutionResult": {
             "outcome": "OUTCOME_DEADLINE_EXCEEDED" if timed_out else "OUTCOME_FAILED",
-            "output": str(result.get("error_code") or "")}}]
+            "output": result.get("error_code") or ""}}]
     return []  # encrypted_code_execution_result: only Anthropic can read it
 
 
@@ -1376,18 +1395,19 @@ class _HistoryTranslator:
 
 
 def _tool_changes(messages: list):
-    """Yield (tool reference, True to offer / False to withdraw) in conversation order."""
+    """Yield (tool reference, True to offer / False to withdraw) in conversation order, from a
+    validated body (TOOL_CHANGE_TARGETS)."""
     for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
+        content = message["content"]
         for block in content if isinstance(content, list) else ():
-            kind = block.get("type") if isinstance(block, dict) else None
+            kind = block["type"]
             if kind == "tool_result" and isinstance(block.get("content"), list):
                 for item in block["content"]:  # Claude Code's tool search loaded a tool
-                    if isinstance(item, dict) and item.get("type") == "tool_reference":
-                        yield {"type": "tool_reference", "name": item.get("tool_name")}, True
-            elif kind in ("tool_addition", "tool_removal") and isinstance(block.get("tool"), dict):
+                    if item["type"] == "tool_reference":
+                        yield {"type": "tool_reference", "name": item["tool_name"]}, True
+            elif kind in ("tool_addition", "tool_removal"):
                 yield block["tool"], kind == "tool_addition"
-            elif kind == "compaction" and isinstance(block.get("tool_changes"), list):
+            elif kind == "compaction" and block.get("tool_changes"):
                 yield from _tool_changes([{"content": block["tool_changes"]}])
 
 
@@ -1395,24 +1415,26 @@ def _offered_tools(tools: list, messages: list) -> tuple:
     """Return (name -> offered now, the request's tools plus inline definitions) after the
     history's tool changes: the last change of a tool wins."""
     tools = list(tools)
-    names = [t.get("name") for t in tools if isinstance(t, dict)]
+    names = [tool["name"] for tool in tools]
     offered = {}
     for ref, offer in _tool_changes(messages):
-        kind = ref.get("type")
-        if kind == "tool_definition" and isinstance(ref.get("definition"), dict):
-            definition = ref["definition"]  # {definition: a tools entry} (inline-tools beta)
-            if isinstance(definition.get("name"), str) and definition["name"] not in names:
+        kind = ref["type"]
+        if kind == "tool_definition":  # {definition: a tools entry} (inline-tools beta)
+            definition = ref["definition"]
+            if definition["name"] not in names:
                 tools.append(definition)
-                names.append(definition.get("name"))
-            changed = [definition.get("name")]
+                names.append(definition["name"])
+            changed = [definition["name"]]
         elif kind == "mcp_tool_reference":  # {server_name, name}: Claude Code's mcp__s__t
-            changed = [f"mcp__{ref.get('server_name')}__{ref.get('name')}"]
+            changed = [f"mcp__{ref['server_name']}__{ref['name']}"]
         elif kind == "mcp_toolset_reference":  # {server_name}: all of that server's tools
-            prefix = f"mcp__{ref.get('server_name')}__"
-            changed = [n for n in names if isinstance(n, str) and n.startswith(prefix)]
-        else:  # tool_reference {name}
-            changed = [ref.get("name")]
-        offered.update(dict.fromkeys((n for n in changed if isinstance(n, str)), offer))
+            prefix = f"mcp__{ref['server_name']}__"
+            changed = [name for name in names if name.startswith(prefix)]
+        elif kind == "tool_reference":  # {name}
+            changed = [ref["name"]]
+        else:  # a newer kind of reference: nothing this proxy can declare
+            changed = []
+        offered.update(dict.fromkeys(changed, offer))
     return offered, tools
 
 

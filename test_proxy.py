@@ -4863,14 +4863,21 @@ def test_cancel_then_delete(gemini, proxy):
     assert gone.status == 404 and gone.json["error"]["type"] == "not_found_error"
 
 
-def test_odd_tool_changes_and_metadata_shapes_never_crash(gemini, proxy):
-    odd_history = [{"role": "user", "content": [
-        {"type": "tool_addition", "tool": {"type": "tool_reference", "name": ["WebFetch"]}},
-        {"type": "tool_addition", "tool": {"type": "tool_definition", "definition": {"name": {"x": 1}}}},
-        {"type": "tool_removal", "tool": "Bash"}, {"type": "text", "text": "go"}]}]
-    answer = post(proxy, messages_body(messages=odd_history, tools=CC_TOOLS[:2] + [CC_WEBFETCH]))
-    assert answer.status == 200, answer.raw
-    assert declared(gemini.bodies[-1]) == ["Bash", "ToolSearch"]
+def test_odd_tool_changes_are_400s_naming_the_field_and_odd_metadata_never_crashes(gemini, proxy):
+    for change, path in (
+            ({"type": "tool_addition", "tool": {"type": "tool_reference", "name": ["WebFetch"]}}, "tool.name"),
+            ({"type": "tool_addition", "tool": {"type": "tool_definition", "definition": {"name": {"x": 1}}}},
+             "tool.definition.name"),
+            ({"type": "tool_removal", "tool": "Bash"}, "tool"),
+            ({"type": "tool_removal", "tool": {"type": "mcp_tool_reference", "name": "x"}}, "tool.server_name"),
+            ({"type": "compaction", "content": None, "tool_changes": [{"type": "tool_addition"}]},
+             "tool_changes.0.tool"),
+            ({"type": "code_execution_tool_result", "tool_use_id": "s", "content": {
+                "type": "code_execution_result", "return_code": "0"}}, "content.return_code")):
+        answer = post(proxy, messages_body(messages=[{"role": "user", "content": [change]}]))
+        assert answer.status == 400, (change, answer.raw)
+        assert answer.json["error"]["message"].startswith(f"messages.0.content.0.{path}: "), answer.json
+    assert gemini.bodies == []
     grounding = {"webSearchQueries": "abc", "groundingChunks": 5,
                  "groundingSupports": [{"segment": "x", "groundingChunkIndices": 3},
                                        {"segment": {"text": "Hi"}, "groundingChunkIndices": 3}]}
