@@ -376,11 +376,12 @@ class UpstreamError(ProxyError):
 
     def __init__(self, status: int, error_type: str, message: str, headers: dict | None = None,
                  upstream_status: int = 0, retry_delay: float | None = None,
-                 key_invalid: bool = False):
+                 key_invalid: bool = False, overflow: tuple | None = None):
         super().__init__(status, error_type, message, headers)
         self.upstream_status = upstream_status
         self.retry_delay = retry_delay  # seconds from Gemini's RetryInfo, or None
         self.key_invalid = key_invalid  # the key (not the request) was refused
+        self.overflow = overflow  # (prompt tokens or 0, limit or 0) when the input is too long
 
 
 class ClientGone(Exception):
@@ -404,23 +405,53 @@ UPSTREAM_ERRORS = {
 # Errors a retry cannot fix: Claude Code stops retrying on x-should-retry: false.
 NOT_RETRYABLE = {400, 401, 403, 404, 413}
 DEFAULT_RETRY_AFTER = 10
-CONTEXT_OVERFLOW_RE = re.compile(r"input token count \(?(\d+)\)? exceeds the maximum number of "
-                                 r"tokens allowed \(?(\d+)\)?", re.IGNORECASE)
+MAX_KEY_REST = 3600.0  # a rate-limited key rests at most this long, whatever Gemini says
+MAX_ERROR_MESSAGE = 4096  # characters of Gemini's error message a client sees
+MAX_ERROR_PARSED = 1 << 20  # bytes of an error body parsed; a longer one maps by its status
+# Gemini's "input too long" wordings: AI Studio and Vertex "The input token count (N) exceeds
+# the maximum number of tokens allowed (M).", Vertex without the count ("... allowed M."),
+# and Vertex's older "the input token count is N but model only supports up to M".
+CONTEXT_OVERFLOW_RE = re.compile(
+    r"input token count(?: is)?\W*(\d*)\W*(?:exceeds the maximum number of tokens allowed|"
+    r"but (?:the )?model only supports up to)\W*(\d*)", re.IGNORECASE)
 
 
 GONE_FILE_WORDS = "or it may not exist"  # Gemini's 403 for a file it no longer has
 
 
 def parse_retry_delay(error: dict) -> float | None:
-    """Return the seconds of a Gemini RetryInfo detail, or None."""
-    for detail in error.get("details") or ():
-        delay = isinstance(detail, dict) and detail.get("retryDelay")
+    """Return the seconds of a Gemini RetryInfo detail, within [0, MAX_KEY_REST], or None."""
+    details = error.get("details")
+    for detail in details if isinstance(details, list) else ():
+        delay = detail.get("retryDelay") if isinstance(detail, dict) else None
         if isinstance(delay, str) and delay.endswith("s"):
             try:
-                return float(delay[:-1])
+                seconds = float(delay[:-1])
             except ValueError:
                 return None
+            return None if seconds != seconds else min(max(seconds, 0.0), MAX_KEY_REST)
     return None
+
+
+def _error_object(payload: bytes) -> tuple:
+    """Return (Gemini's error object, its message) from an error body of any shape."""
+    try:
+        parsed = json.loads(payload[:MAX_ERROR_PARSED])
+    except (ValueError, RecursionError):  # not JSON, cut short, or nested without end
+        return {}, payload[:MAX_ERROR_MESSAGE].decode("utf-8", "replace")
+    if isinstance(parsed, list) and parsed:
+        parsed = parsed[0]
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    if not isinstance(error, dict):
+        return {}, str(error or "")
+    message = error.get("message")
+    return error, message if isinstance(message, str) else str(message or "")
+
+
+def overflow_message(tokens: int, limit: int) -> str:
+    """Return the Anthropic wording Claude Code compacts on (a limit Gemini did not give:
+    just under the count)."""
+    return f"prompt is too long: {tokens} tokens > {limit or max(0, tokens - 1)} maximum"
 
 
 def backoff_seconds(attempt: int) -> float:
@@ -429,23 +460,22 @@ def backoff_seconds(attempt: int) -> float:
 
 
 def upstream_error(status: int, payload: bytes) -> UpstreamError:
-    """Return the UpstreamError for a Gemini error response."""
-    try:
-        error = json.loads(payload)
-        if isinstance(error, list) and error:
-            error = error[0]
-        error = error.get("error") or {}
-        message = str(error.get("message") or "")
-    except (ValueError, AttributeError):
-        error, message = {}, payload[:500].decode("utf-8", "replace")
+    """Return the UpstreamError for a Gemini error response (any body, any size)."""
+    if 300 <= status < 400:  # never followed: a key must not go where the base URL did not say
+        return UpstreamError(502, "api_error", f"the upstream redirected (HTTP {status}); set "
+                             "GEMINI_API_BASE to the address it redirects to",
+                             upstream_status=status)
+    error, message = _error_object(payload)
+    message = message[:MAX_ERROR_MESSAGE]
     client_status, error_type = UPSTREAM_ERRORS.get(
         status, (500, "api_error") if status >= 500 else (400, "invalid_request_error"))
     headers = {}
-    key_invalid = status == 401 or "API_KEY_INVALID" in json.dumps(error)
+    key_invalid = status == 401 or b"API_KEY_INVALID" in payload[:MAX_ERROR_PARSED]
     retry_delay = parse_retry_delay(error)
     overflow = CONTEXT_OVERFLOW_RE.search(message)
-    if overflow:
-        message = f"prompt is too long: {overflow.group(1)} tokens > {overflow.group(2)} maximum"
+    if overflow:  # the count may be missing: UpstreamClient.generate() fills it in
+        overflow = (int(overflow.group(1) or 0), int(overflow.group(2) or 0))
+        message = overflow_message(*overflow)
     elif status == 403 and GONE_FILE_WORDS in message:  # a deleted file, not a refused key
         client_status, error_type = 400, "invalid_request_error"
         message = f"file_id: Gemini no longer has this file (deleted, or past 48 hours): {message}"
@@ -463,7 +493,8 @@ def upstream_error(status: int, payload: bytes) -> UpstreamError:
     if status in NOT_RETRYABLE:
         headers["x-should-retry"] = "false"
     return UpstreamError(client_status, error_type, message, headers, upstream_status=status,
-                         retry_delay=retry_delay, key_invalid=key_invalid)
+                         retry_delay=retry_delay, key_invalid=key_invalid,
+                         overflow=overflow or None)
 
 
 def transport_error(exc: Exception, doing: str) -> ProxyError:
@@ -881,15 +912,47 @@ MESSAGES_BODY = Obj({
 }, required=("model", "messages"))
 
 
+COUNT = Scalar(int)
+# Gemini's answer chunks (GenerateContentResponse): the fields the fold reads. Metadata the
+# fold reads leniently (grounding, URL context, code execution) is left out.
+GEMINI_CHUNK = Obj({
+    "candidates": Arr(Obj({
+        "content": Obj({"role": STRING, "parts": Arr(Obj({
+            "text": STRING, "thought": BOOLEAN, "thoughtSignature": STRING,
+            "functionCall": Obj({
+                "name": STRING, "id": STRING, "args": ANY_OBJECT, "willContinue": BOOLEAN,
+                "partialArgs": Arr(Obj({"jsonPath": STRING, "stringValue": STRING,
+                                        "numberValue": NUMBER, "boolValue": BOOLEAN,
+                                        "willContinue": BOOLEAN}, required=("jsonPath",))),
+            }),
+        }))}),
+        "finishReason": STRING, "finishMessage": STRING,
+    })),
+    "usageMetadata": Obj({name: COUNT for name in (
+        "promptTokenCount", "candidatesTokenCount", "totalTokenCount", "cachedContentTokenCount",
+        "thoughtsTokenCount", "toolUsePromptTokenCount")}),
+    "promptFeedback": Obj({"blockReason": STRING}),
+    "modelVersion": STRING,
+    "error": Obj({"code": COUNT, "message": STRING, "status": STRING}),
+})
+
+
+def shape_problem(value, shape: Shape) -> str | None:
+    """Return "path: what is wrong" for the first field of value not fitting shape, or None."""
+    try:
+        shape.check(value, 1)
+    except _Invalid as invalid:
+        path = ".".join(str(key) for key in reversed(invalid.path))
+        return f"{path or 'the body'}: {invalid.message}"
+    return None
+
+
 def validate_body(body, shape: Shape = MESSAGES_BODY) -> None:
     """Raise a 400 naming the path (messages.3.content.1.tool_use_id) of the first bad field."""
-    try:
-        shape.check(body, 1)
-    except _Invalid as invalid:
-        if not invalid.path:
-            raise bad_request(f"request body: {invalid.message}") from None
-        path = ".".join(str(key) for key in reversed(invalid.path))
-        raise bad_request(f"{path}: {invalid.message}") from None
+    problem = shape_problem(body, shape)
+    if problem:
+        raise bad_request(problem if not problem.startswith("the body:")
+                          else "request body:" + problem[9:])
 
 
 def decode_json_body(data: bytes):
@@ -1866,12 +1929,17 @@ def _gemini_tools(body: dict, model: str) -> tuple:
 # ResponseFold folds Gemini chunks (a stream, or one chunk for generateContent) into
 # Anthropic SSE events and the final message: one set of rules for both modes.
 
-STOP_REASONS = {
+STOP_REASONS = {  # every FinishReason of Gemini's API (google-genai 3.4), Vertex's too
     "STOP": "end_turn",
     "MAX_TOKENS": "max_tokens",
+    "CONTINUATION": "max_tokens",  # long-decode models: this request's output cap, more to come
     "OTHER": "end_turn",
     "FINISH_REASON_UNSPECIFIED": "end_turn",
     "TOO_MANY_TOOL_CALLS": "end_turn",
+    "MALFORMED_FUNCTION_CALL": "end_turn",  # after text that reached the client, with a note
+    "UNEXPECTED_TOOL_CALL": "end_turn",
+    "MALFORMED_RESPONSE": "end_turn",
+    "MISSING_THOUGHT_SIGNATURE": None,  # the request's fault: a 400 (ResponseFold._stop_reason)
     "SAFETY": "refusal",
     "PROHIBITED_CONTENT": "refusal",
     "BLOCKLIST": "refusal",
@@ -1883,10 +1951,16 @@ STOP_REASONS = {
     "IMAGE_RECITATION": "refusal",
     "IMAGE_OTHER": "refusal",
     "NO_IMAGE": "refusal",
+    "ESCALATION": "refusal",
+    "PUP_LIMITED_DISABLED": "refusal",
+    "MODEL_ARMOR": "refusal",
+    "JAILBREAK": "refusal",
 }
 BYTES_PER_TOKEN = 4  # for estimates, before (or without) Gemini's own count
-# Worth one more upstream call while nothing has reached the client.
+# Worth one more upstream call while nothing but thinking has reached the client; so is an
+# answer without content that ended with STOP, OTHER or a reason this table does not know.
 RETRY_FINISH_REASONS = ("MALFORMED_FUNCTION_CALL", "UNEXPECTED_TOOL_CALL", "MALFORMED_RESPONSE")
+EMPTY_RETRY_REASONS = RETRY_FINISH_REASONS + (None, "STOP", "OTHER", "FINISH_REASON_UNSPECIFIED")
 
 
 def _log_refusal(what: str, reason: str, rated: dict) -> None:
@@ -1914,6 +1988,8 @@ class ResponseFold:
         # Until Gemini counts: from the Gemini body, the same for a stream and a non-stream call.
         self.input_estimate = len(request.payload()) // BYTES_PER_TOKEN
         self.blocks: list = []  # content blocks of the final message
+        # A stream's text is not kept: only a non-stream message (or citations) needs it.
+        self.keep_text = not request.stream or request.whole_answer
         self.pieces: list = []  # text pieces of the open text/thinking block
         self.open_kind = ""  # "text" or "thinking" while such a block is open
         self.held = ""  # text held back while it could still be the start of a stop sequence
@@ -1921,6 +1997,8 @@ class ResponseFold:
         self.stop_reason = None
         self.stop_sequence = None
         self.finish_reason = None
+        self.finish_message = ""
+        self.partial = None  # a Vertex function call still arriving in pieces
         self.blocked = None
         self.saw_candidate = False
         self.called_tool = False
@@ -1941,17 +2019,13 @@ class ResponseFold:
 
     def feed(self, chunk) -> list:
         """Return the events for one Gemini chunk; raise ProxyError for an error chunk."""
-        if not isinstance(chunk, dict):
-            raise ProxyError(502, "api_error", "Gemini sent an answer the proxy could not read")
+        problem = shape_problem(chunk, GEMINI_CHUNK)
+        if problem:
+            raise ProxyError(502, "api_error", f"Gemini sent an answer the proxy could not read "
+                             f"({problem[:200]})")
         if "error" in chunk:
-            error = (
-                chunk["error"]
-                if isinstance(chunk["error"], dict)
-                else {"message": str(chunk["error"])}
-            )
-            raise upstream_error(
-                int(error.get("code") or 500), json.dumps({"error": error}).encode()
-            )
+            error = chunk["error"]
+            raise upstream_error(error.get("code") or 500, json.dumps({"error": error}).encode())
         events = []
         if chunk.get("usageMetadata"):
             self.usage_metadata = chunk["usageMetadata"]  # cumulative: the last one wins
@@ -1974,23 +2048,34 @@ class ResponseFold:
                 self._part(part, events)
         if candidate.get("finishReason"):
             self.finish_reason = candidate["finishReason"]
+            self.finish_message = candidate.get("finishMessage") or ""
             if STOP_REASONS.get(self.finish_reason) == "refusal":
                 _log_refusal("stopped", self.finish_reason, candidate)
         return events
 
     def retryable(self) -> bool:
-        """Return True when nothing reached the client and another upstream call may do better."""
-        if self.blocks or self.held or self.blocked or self.done:
+        """Return True when the answer ended empty (thinking aside): worth one more call."""
+        if self.blocked or self.done or self.called_tool or self._shown():
             return False
-        return self.finish_reason in RETRY_FINISH_REASONS or self.finish_reason in (None, "STOP")
+        return self._ended_empty()
+
+    def _shown(self) -> bool:
+        """Return True once anything but thinking reached (or waits for) the client."""
+        return bool(self.held) or any(block["type"] != "thinking" for block in self.blocks)
+
+    def _ended_empty(self) -> bool:
+        reason = self.finish_reason
+        return reason in EMPTY_RETRY_REASONS or reason not in STOP_REASONS
 
     def next_attempt(self) -> None:
-        self.finish_reason = None
+        self.finish_reason, self.finish_message = None, ""
         self.saw_candidate = False
 
     def finish(self) -> list:
         """Return the closing events; raise ProxyError when Gemini's answer was unusable."""
         events = []
+        if self.partial is not None:  # the stream ended inside a call: keep what came
+            self._call({}, None, events)
         self._flush_held(events)
         if self.stop_reason is None:
             self.stop_reason = self._stop_reason(events)
@@ -2009,22 +2094,23 @@ class ResponseFold:
             return "tool_use"
         if not self.saw_candidate:
             raise ProxyError(502, "api_error", "Gemini returned no candidates")
-        if self.finish_reason is None:
+        reason = self.finish_reason
+        if reason is None:
             raise ProxyError(502, "api_error", "Gemini's answer ended without a finish reason")
-        if self.finish_reason in RETRY_FINISH_REASONS:
-            if not self.blocks:
-                raise ProxyError(
-                    502,
-                    "api_error",
-                    f"Gemini failed twice with {self.finish_reason}",
-                    {"x-should-retry": "true"},
-                )
-            self._emit_text(f"\n\n[proxy: Gemini ended with {self.finish_reason}; its tool call "
+        if reason == "MISSING_THOUGHT_SIGNATURE":
+            raise bad_request("messages: Gemini refused the history: a function call in it has "
+                              "no thought signature (MISSING_THOUGHT_SIGNATURE); replay the "
+                              "tool_use blocks exactly as the proxy returned them")
+        if not self._shown() and self._ended_empty():  # also after the retry
+            said = f": {self.finish_message[:500]}" if self.finish_message else ""
+            raise ProxyError(502, "api_error", f"Gemini's answer was empty twice (finish "
+                             f"reason {reason}{said})", {"x-should-retry": "true"})
+        if reason in RETRY_FINISH_REASONS:
+            self._emit_text(f"\n\n[proxy: Gemini ended with {reason}; its tool call "
                             "was lost. Ask again to retry.]", events)
-            return "end_turn"
-        if self.finish_reason not in STOP_REASONS:
-            raise ProxyError(502, "api_error", f"Gemini stopped with {self.finish_reason}")
-        return STOP_REASONS[self.finish_reason]
+        elif reason not in STOP_REASONS:
+            log.debug("Gemini finished with a reason this proxy does not know: %r", reason)
+        return STOP_REASONS.get(reason) or "end_turn"
 
     def usage(self) -> dict:
         """Return Anthropic usage from the latest Gemini usageMetadata (see the README)."""
@@ -2111,7 +2197,8 @@ class ResponseFold:
             delta = {"type": "thinking_delta", "thinking": text}
         events.append(("content_block_delta", {"type": "content_block_delta",
                                                "index": len(self.blocks) - 1, "delta": delta}))
-        self.pieces.append(text)
+        if self.keep_text:
+            self.pieces.append(text)
 
     def _close(self, events: list) -> None:
         if not self.open_kind:
@@ -2164,6 +2251,14 @@ class ResponseFold:
         self._emit_text(held, events)
 
     def _call(self, call: dict, signature: str | None, events: list) -> None:
+        if self.partial is not None or "partialArgs" in call or call.get("willContinue"):
+            self.partial = self.partial or _PartialCall()
+            if self.partial.add(call, signature):  # more pieces follow (Vertex)
+                return
+            call, signature, self.partial = self.partial.call(), self.partial.signature, None
+        if not call.get("name"):
+            log.debug("Gemini sent a function call without a name; it is left out")
+            return
         self._flush_held(events)
         self._close(events)
         call_id = str(call.get("id") or "")
@@ -2200,7 +2295,7 @@ class ResponseFold:
             )
             block = dict(block, input=input_json)
         events.append(("content_block_stop", {"type": "content_block_stop", "index": index}))
-        self.blocks.append(block)
+        self.blocks.append(block if self.keep_text else {"type": block["type"]})
 
     def _cite(self, block: dict, events: list) -> None:
         """Put the citations whose cited text this block holds on it (citations_delta)."""
@@ -2304,6 +2399,83 @@ class ResponseFold:
         gap = "\n\n" if self.open_kind == "text" else ""
         self._emit_text(f"{gap}[proxy: Gemini produced {what}, which cannot be relayed here.]",
                         events)
+
+
+JSON_PATH_STEP_RE = re.compile(r"\.([^.\[\]]+)|\[(\d+)\]|\['([^']*)'\]|\[\"([^\"]*)\"\]")
+PARTIAL_VALUES = ("stringValue", "numberValue", "boolValue", "nullValue")
+
+
+class _PartialCall:
+    """A function call Vertex streams in pieces (streamFunctionCallArguments): each piece has
+    partialArgs [{jsonPath, stringValue|numberValue|boolValue|nullValue, willContinue}], and
+    willContinue until the last; a string value with willContinue goes on in the next one."""
+
+    def __init__(self):
+        self.name, self.id, self.signature = "", "", ""
+        self.args: dict = {}
+        self.open_string = None  # the path of a string value that continues
+
+    def add(self, call: dict, signature: str | None) -> bool:
+        """Take one piece; return True while more pieces of this call follow."""
+        self.name = self.name or call.get("name") or ""
+        self.id = self.id or call.get("id") or ""
+        self.signature = self.signature or signature or ""
+        self.args.update(call.get("args") or {})
+        for piece in call.get("partialArgs") or ():
+            path = _json_path(piece["jsonPath"])
+            kind = next((k for k in PARTIAL_VALUES if k in piece), None)
+            if path is None or kind is None:
+                log.debug("Vertex partial argument not understood: %s", piece["jsonPath"][:80])
+                continue
+            value = None if kind == "nullValue" else piece[kind]
+            if kind == "stringValue" and self.open_string == path:
+                value = _json_get(self.args, path) + value
+            _json_set(self.args, path, value)
+            self.open_string = path if kind == "stringValue" and piece.get("willContinue") \
+                else None
+        return bool(call.get("willContinue"))
+
+    def call(self) -> dict:
+        return {"name": self.name, "id": self.id, "args": self.args}
+
+
+def _json_path(text: str) -> list | None:
+    """Return the steps (keys and indexes) of a JSON path like $.a.b[0]['c d'], or None."""
+    if not text.startswith("$"):
+        return None
+    steps, at = [], 1
+    for match in JSON_PATH_STEP_RE.finditer(text, 1):
+        if match.start() != at:
+            return None
+        key, index, quoted, double = match.groups()
+        steps.append(int(index) if index is not None else next(
+            s for s in (key, quoted, double) if s is not None))
+        at = match.end()
+    return steps if steps and at == len(text) else None
+
+
+def _json_get(root: dict, path: list):
+    value = root
+    for step in path:
+        value = value[step]
+    return value if isinstance(value, str) else ""
+
+
+def _json_set(root: dict, path: list, value) -> None:
+    """Set root at path, making the objects and arrays on the way; a clash is left alone."""
+    container = root
+    for step, following in zip(path, path[1:] + [None]):
+        if isinstance(step, int) != isinstance(container, list):
+            return
+        if isinstance(step, int):
+            container.extend([None] * (step + 1 - len(container)))
+        if following is None:
+            container[step] = value
+            return
+        if not isinstance(container[step] if isinstance(step, int) else
+                          container.get(step), (dict, list)):
+            container[step] = [] if isinstance(following, int) else {}
+        container = container[step]
 
 
 # Gemini's URL retrieval statuses that failed -> Anthropic web_fetch error codes.
@@ -2917,8 +3089,28 @@ class UpstreamClient:
         else:
             path = model_path(model, "generateContent")
         asked_at = self.now()
-        conn, response = self._open("POST", path, payload, (model, reason))
+        try:
+            conn, response = self._open("POST", path, payload, (model, reason))
+        except UpstreamError as error:
+            if error.overflow and not error.overflow[0]:  # "too long" without the count
+                error.overflow = (self._count_tokens(model, payload), error.overflow[1])
+                error.message = overflow_message(*error.overflow)
+            raise
         return UpstreamAnswer(self, conn, response, live, asked_at)
+
+    def _count_tokens(self, model: str, payload: bytes) -> int:
+        """Return Gemini's count of a generate payload's prompt, or an estimate from its size."""
+        body = json.loads(payload)
+        inner = {key: body[key] for key in ("contents", "systemInstruction", "tools", "toolConfig")
+                 if key in body}
+        try:
+            answer = self.call_json("POST", model_path(model, "countTokens"),
+                                    {"generateContentRequest": dict(inner, model=f"models/{model}")})
+            if isinstance(answer.get("totalTokens"), int) and answer["totalTokens"] > 0:
+                return answer["totalTokens"]
+        except ProxyError as error:
+            log.debug("countTokens for a too-long prompt failed: %s", error.message)
+        return len(payload) // BYTES_PER_TOKEN
 
     # -- files: resumable uploads and downloads ---------------------------------------
 

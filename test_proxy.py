@@ -11,6 +11,7 @@ import http.client
 import json
 import os
 import random
+import re
 import secrets
 import select
 import socket
@@ -34,8 +35,9 @@ class Reply:
     """One scripted Gemini answer: chunks (streamed or merged), or an error status."""
 
     def __init__(self, *chunks, status=200, error=None, pause=0.0, tail=b"", cut=False, before=0.0,
-                 hold_after=None):
+                 hold_after=None, verbatim=False):
         self.chunks = list(chunks)
+        self.verbatim = verbatim  # send the chunks unsigned and unmerged
         self.hold_after = hold_after  # stream this many chunks, then wait for FakeGemini.hold
         self.status = status
         self.error = error  # Gemini error object for a non-200 status
@@ -536,12 +538,16 @@ class FakeGemini:
         if reply.status != 200:
             handler.reply(reply.status, {"error": reply.error})
             return
-        chunks = [dict(self.sign(c, model), modelVersion=self.served_as.get(model, model)) for c in reply.chunks]
+        if reply.verbatim:  # odd shapes go out exactly as scripted: the last one when not streaming
+            chunks = reply.chunks
+        else:
+            chunks = [dict(self.sign(c, model), modelVersion=self.served_as.get(model, model))
+                      for c in reply.chunks]
         if ":streamGenerateContent" in path:
             self.stream(handler, reply, chunks)
         else:
             time.sleep(reply.before)
-            handler.reply(200, merge_chunks(chunks))
+            handler.reply(200, chunks[-1] if reply.verbatim else merge_chunks(chunks))
 
     def sign(self, answer, model):
         answer = json.loads(json.dumps(answer))
@@ -994,6 +1000,44 @@ def test_no_candidates_is_502_after_one_retry(gemini, proxy):
     answer = post(proxy, messages_body())
     assert answer.status == 502 and answer.json["error"]["type"] == "api_error"
     assert len(gemini.bodies) == 2
+
+
+@pytest.mark.parametrize("delay,expected", [
+    ("infs", cgp.MAX_KEY_REST), ("1e308s", cgp.MAX_KEY_REST), ("nans", None), ("-5s", 0.0),
+    ("garbage", None), ("12.5s", 12.5), (17, None),
+])
+def test_retry_delays_are_clamped_or_ignored(delay, expected):
+    details = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay}]
+    error = cgp.upstream_error(429, json.dumps({"error": gemini_error(429, "slow", "RESOURCE_EXHAUSTED",
+                                                                      details)}).encode())
+    assert error.retry_delay == expected
+    assert 1 <= int(error.headers["retry-after"]) <= 3600
+
+
+@pytest.mark.parametrize("payload", [
+    json.dumps({"error": {"code": 429, "message": "slow", "details": {"retryDelay": "5s"}}}).encode(),
+    json.dumps({"error": {"code": 429, "message": "slow", "details": 7}}).encode(),
+    json.dumps({"error": "quota exhausted"}).encode(),
+    b'{"error": {"message": ' + b"[" * 100000 + b"]" * 100000 + b"}}",
+    json.dumps({"error": {"code": 429, "message": "x" * (50 << 20)}}).encode(),
+    b"<html>" + b"y" * (50 << 20),
+], ids=["details-object", "details-number", "error-string", "deep", "50MB-json", "50MB-html"])
+def test_odd_error_bodies_still_map_to_their_status(payload):
+    error = cgp.upstream_error(429, payload)
+    assert (error.status, error.error_type) == (429, "rate_limit_error")
+    assert len(error.message) <= 4096 + 10 and error.headers["retry-after"]
+
+
+@pytest.mark.parametrize("message,expected", [
+    ("The input token count (1200293) exceeds the maximum number of tokens allowed (1048576).",
+     "prompt is too long: 1200293 tokens > 1048576 maximum"),
+    ("Unable to submit request because the input token count is 1200293 but model only supports up "
+     "to 1048576. Reduce the input token count and try again.",
+     "prompt is too long: 1200293 tokens > 1048576 maximum"),
+])
+def test_context_overflow_wordings_become_the_message_claude_code_compacts_on(message, expected):
+    error = cgp.upstream_error(400, json.dumps({"error": gemini_error(400, message)}).encode())
+    assert (error.status, error.message) == (400, expected)
 
 
 # == Signature store ==========================================================
@@ -1644,7 +1688,7 @@ def test_stop_sequences_cut_like_a_reference_whatever_the_chunking():
         alphabet = rnd.choice(["ab", "abc", "abcd "])
         sequences = list({"".join(rnd.choice(alphabet) for _ in range(rnd.choice([1, 3, 9, 20])))
                           for _ in range(rnd.randint(1, 6))})
-        whole = "".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 120)))
+        whole = "".join(rnd.choice(alphabet) for _ in range(rnd.randint(1, 120)))
         pieces, at = [], 0
         while at < len(whole):
             step = rnd.randint(1, 30)
@@ -5027,3 +5071,130 @@ def test_fuzzed_bodies_over_http_get_200_or_anthropic_4xx_and_the_proxy_goes_on(
             assert answer.json["type"] == "error" and set(answer.json["error"]) == {"type", "message"}
     assert statuses.count(200) > 10 and len(set(statuses)) > 1
     assert post(proxy, messages_body()).status == 200
+
+
+# == Gemini answers: odd, empty, oversized, slow ============================
+# Whatever Gemini sends becomes a faithful translation or the mapped error.
+
+ODD_CHUNKS = {
+    "text-number": {"candidates": [{"content": {"parts": [{"text": 5}]}}]},
+    "candidates-object": {"candidates": {"content": {}}},
+    "content-list": {"candidates": [{"content": [{"text": "x"}]}]},
+    "parts-number": {"candidates": [{"content": {"parts": 3}}]},
+    "usage-strings": dict(chunk(text("x"), finish="STOP"), usageMetadata={"promptTokenCount": "10"}),
+    "call-string": {"candidates": [{"content": {"parts": [{"functionCall": "Read()"}]}}]},
+    "finish-list": {"candidates": [{"content": {"parts": [{"text": "x"}]}, "finishReason": ["STOP"]}]},
+    "signature-number": {"candidates": [{"content": {"parts": [{"text": "x", "thoughtSignature": 5}]}}]},
+    "error-code-string": {"error": {"code": "429", "message": "slow"}},
+    "not-an-object": ["x"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(ODD_CHUNKS))
+def test_odd_chunk_types_are_502_before_the_stream_and_an_sse_error_in_it(gemini, proxy, name):
+    gemini.script = [Reply(ODD_CHUNKS[name], verbatim=True),
+                     Reply(chunk(text("x")), ODD_CHUNKS[name], verbatim=True)]
+    answer = post(proxy, messages_body())
+    assert answer.status == 502 and answer.json["error"]["type"] == "api_error", answer.raw
+    events, _ = stream(proxy, messages_body())
+    assert events[-1]["type"] == "error" and events[-1]["error"]["type"] == "api_error"
+    assert post(proxy, messages_body()).status == 200
+
+
+def test_a_redirect_is_a_502_and_never_followed(gemini, proxy):
+    gemini.script = [Reply(status=302, error=gemini_error(302, "moved", "MOVED"))]
+    answer = post(proxy, messages_body())
+    assert answer.status == 502 and "redirected" in answer.json["error"]["message"]
+    assert len(gemini.bodies) == 1
+
+
+@pytest.mark.parametrize("reason,stop_reason", [
+    ("LANGUAGE", "refusal"), ("IMAGE_SAFETY", "refusal"), ("TOO_MANY_TOOL_CALLS", "end_turn"),
+    ("CONTINUATION", "max_tokens"), ("ESCALATION", "refusal"), ("MODEL_ARMOR", "refusal"),
+    ("SOMETHING_NEW", "end_turn"),
+])
+def test_every_finish_reason_has_a_row_and_an_unknown_one_is_end_turn(reason, stop_reason):
+    fold, _ = fold_for()
+    run_fold(fold, [chunk(text("partial"), finish=reason)])
+    assert fold.message()["stop_reason"] == stop_reason
+
+
+def test_missing_thought_signature_finish_is_a_400_saying_what_was_missing(gemini, proxy):
+    gemini.script = [Reply(chunk(finish="MISSING_THOUGHT_SIGNATURE"))]
+    answer = post(proxy, messages_body())
+    assert answer.status == 400 and "thought signature" in answer.json["error"]["message"]
+
+
+@pytest.mark.parametrize("count_status,expected", [(200, "counted"), (404, "estimated")])
+def test_overflow_without_a_count_gets_one_from_count_tokens_or_an_estimate(gemini, proxy,
+                                                                            count_status, expected):
+    gemini.count_tokens_status = count_status
+    gemini.script = [Reply(status=400, error=gemini_error(
+        400, "The input token count exceeds the maximum number of tokens allowed 1048576."))]
+    answer = post(proxy, messages_body())
+    assert answer.status == 400
+    tokens = int(re.match(r"prompt is too long: (\d+) tokens > 1048576 maximum$",
+                          answer.json["error"]["message"]).group(1))
+    generate = next(b for m, p, _, b in gemini.requests if ":generateContent" in p)
+    if expected == "counted":
+        counted = next(b for m, p, _, b in gemini.requests if ":countTokens" in p)
+        assert counted["generateContentRequest"]["contents"] == generate["contents"]
+        assert tokens == len(json.dumps(counted)) // 4
+    else:
+        assert tokens == len(json.dumps(generate, separators=(",", ":"), ensure_ascii=False)) // 4
+
+
+def test_an_empty_answer_after_streamed_thinking_is_retried_and_the_message_goes_on(gemini, proxy):
+    gemini.script = [Reply(chunk(text("Let me plan.", thought=True)), chunk(finish="MALFORMED_FUNCTION_CALL")),
+                     Reply(chunk(call("Read", {"file_path": "/a"}), finish="STOP"))]
+    events, message = stream(proxy, messages_body(thinking={"type": "adaptive"},
+                                                  tools=[{"name": "Read", "input_schema": {"type": "object"}}]))
+    assert [b["type"] for b in message["content"]] == ["thinking", "tool_use"]
+    assert message["content"][0]["thinking"] == "Let me plan." and message["stop_reason"] == "tool_use"
+    assert len(gemini.bodies) == 2
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_still_empty_after_the_retry_is_an_api_error_naming_the_reason(gemini, proxy, streamed):
+    empty = chunk(finish="STOP")
+    empty["candidates"][0]["finishMessage"] = "Model produced nothing."
+    gemini.script = [Reply(empty), Reply(empty)]
+    if streamed:
+        events, _ = stream(proxy, messages_body())
+        error = events[-1]["error"]
+    else:
+        answer = post(proxy, messages_body())
+        assert answer.status == 502 and answer.headers["x-should-retry"] == "true"
+        error = answer.json["error"]
+    assert error["type"] == "api_error" and "STOP" in error["message"]
+    assert "Model produced nothing." in error["message"] and len(gemini.bodies) == 2
+
+
+def test_vertex_partial_args_become_one_tool_use_with_the_whole_input():
+    fold, _ = fold_for({"tools": [{"name": "Edit", "input_schema": {"type": "object"}}]})
+    pieces = [
+        {"functionCall": {"name": "Edit", "id": "c1", "willContinue": True, "partialArgs": [
+            {"jsonPath": "$.path", "stringValue": "/a.py"},
+            {"jsonPath": "$.edits[0].text", "stringValue": "def f(", "willContinue": True}]},
+         "thoughtSignature": new_signature()},
+        {"functionCall": {"name": "", "willContinue": True, "partialArgs": [
+            {"jsonPath": "$.edits[0].text", "stringValue": "): pass"},
+            {"jsonPath": "$.edits[0].line", "numberValue": 3}]}},
+        {"functionCall": {"partialArgs": [{"jsonPath": "$.dry", "boolValue": False}]}},
+        {"functionCall": {"name": "", "args": {}}},  # never a tool_use without a name
+    ]
+    events = run_fold(fold, [chunk(piece) for piece in pieces] + [chunk(finish="STOP")])
+    message = fold.message()
+    assert [b["type"] for b in message["content"]] == ["tool_use"]
+    assert message["content"][0]["name"] == "Edit" and message["stop_reason"] == "tool_use"
+    assert message["content"][0]["input"] == {"path": "/a.py", "dry": False,
+                                              "edits": [{"text": "def f(): pass", "line": 3}]}
+    _, rebuilt = read_sse(b"".join(cgp.sse_frame(name, data) for name, data in events))
+    assert rebuilt["content"][0]["input"] == message["content"][0]["input"]
+
+
+def test_a_stream_fold_keeps_no_text_the_final_message_does_not_need():
+    fold, _ = fold_for({"stream": True, "thinking": {"type": "adaptive"}})
+    run_fold(fold, [chunk(text("t" * 1000, thought=True))] + [chunk(text("x" * 1000))] * 50
+             + [chunk(finish="STOP")])
+    assert fold.pieces == [] and all(len(json.dumps(b)) < 100 for b in fold.blocks)
