@@ -3104,8 +3104,9 @@ class UpstreamClient:
         inner = {key: body[key] for key in ("contents", "systemInstruction", "tools", "toolConfig")
                  if key in body}
         try:
+            inner["model"] = f"models/{model}"
             answer = self.call_json("POST", model_path(model, "countTokens"),
-                                    {"generateContentRequest": dict(inner, model=f"models/{model}")})
+                                    {"generateContentRequest": inner})
             if isinstance(answer.get("totalTokens"), int) and answer["totalTokens"] > 0:
                 return answer["totalTokens"]
         except ProxyError as error:
