@@ -2865,9 +2865,9 @@ class TokenCommand:
             raise ProxyError(502, "api_error", f"GEMINI_AUTH_COMMAND could not run: {exc}")
         token = done.stdout.strip()
         if done.returncode or not token:
-            raise ProxyError(
-                502, "api_error", f"GEMINI_AUTH_COMMAND failed (exit {done.returncode})"
-            )
+            said = (done.stderr or "").strip().splitlines()[:1]  # what went wrong, not a token
+            raise ProxyError(502, "api_error", f"GEMINI_AUTH_COMMAND failed (exit "
+                             f"{done.returncode})" + "".join(f": {s[:200]}" for s in said))
         self.token, self.expires = token, self.now() + self.ttl
         self.runs += 1
         log.info("GEMINI_AUTH_COMMAND gave a new token (run %d)", self.runs)
@@ -5028,7 +5028,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         raise ProxyError(404, "not_found_error", f"model: {model_id} was not found")
 
     def serve_count_tokens(self, path: str, query: dict) -> None:
-        request = to_gemini_request(self.read_json(), self.server.config, self.server.signatures)
+        request = self.server.healing.translate(self.read_json())  # as generation would send it
         self.gemini_model = request.model
         inner = {"model": f"models/{request.model}"}
         for key in ("contents", "systemInstruction", "tools", "toolConfig"):
@@ -5468,15 +5468,17 @@ class SetupCheck:
 
     def run(self) -> int:
         """Run every check; return the exit status (0 when all passed)."""
-        upstream = UpstreamClient(self.config, Metrics())
-        catalog = ModelCatalog(upstream, self.config)
-        input_limit = None
-        try:
-            if self.check_token_command() and self.check_base(upstream) and self.check_keys():
-                input_limit = self.check_models(upstream, catalog)
+        input_limit, keys = None, None
+        if self.check_token_command() and self.check_base():
+            keys = self.accepted_keys()
+        if keys is not None:
+            config = Config(**dict(vars(self.config), api_keys=keys))  # the keys that work
+            upstream = UpstreamClient(config, Metrics())
+            try:
+                input_limit = self.check_models(upstream, ModelCatalog(upstream, config))
                 self.check_count_tokens(upstream)
-        finally:
-            upstream.close()
+            finally:
+                upstream.close()
         for text in claude_code_settings(self.config, input_limit):
             self.write(text)
         return 1 if self.failed else 0
@@ -5491,7 +5493,8 @@ class SetupCheck:
                              "(gcloud: `gcloud auth login`)")
         return self.line(True, "GEMINI_AUTH_COMMAND prints a token")
 
-    def check_base(self, upstream: UpstreamClient) -> bool:
+    def check_base(self) -> bool:
+        upstream = UpstreamClient(self.config, Metrics())
         via = ""
         if upstream.egress:
             proxy_url = self.config.https_proxy if upstream.https else self.config.http_proxy
@@ -5505,18 +5508,22 @@ class SetupCheck:
             return self.line(False, f"base URL {where} does not answer: {error.message}",
                              "check GEMINI_API_BASE; behind a proxy set HTTPS_PROXY (and NO_PROXY)"
                              "; for a private CA set SSL_CERT_FILE")
+        finally:
+            upstream.close()
         return self.line(True, f"base URL {where} answers")
 
-    def check_keys(self) -> bool:
+    def accepted_keys(self) -> tuple | None:
+        """Check each key (or the token); return the keys Gemini accepts, None if none is."""
         if self.config.auth_command:
-            return self.check_accepted(self.config, "the token of GEMINI_AUTH_COMMAND")
+            ok = self.check_accepted(self.config, "the token of GEMINI_AUTH_COMMAND")
+            return () if ok else None
         keys = self.config.api_keys
-        accepted = [
-            self.check_accepted(Config(**dict(vars(self.config), api_keys=(key,))),
-                                f"key #{i} of {len(keys)}")
-            for i, key in enumerate(keys, 1)
-        ]
-        return any(accepted)
+        accepted = tuple(
+            key for i, key in enumerate(keys, 1)
+            if self.check_accepted(Config(**dict(vars(self.config), api_keys=(key,))),
+                                   f"key #{i} of {len(keys)}")
+        )
+        return accepted or None
 
     def check_accepted(self, config: Config, what: str) -> bool:
         upstream = UpstreamClient(config, Metrics())

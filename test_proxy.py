@@ -1943,6 +1943,8 @@ def test_a_tool_schema_400_is_retried_with_the_schema_reduced_and_remembered(gem
     assert retry[1]["description"].startswith("Query the store.") and "`levels`: one of 1, 2, 3" in retry[1]["description"]
     assert post(proxy, messages_body("again", tools=SCHEMA_TOOLS)).status == 200
     assert len(gemini.bodies) == 3 and gemini.bodies[2]["tools"][0]["functionDeclarations"] == retry
+    assert post(proxy, messages_body("count", tools=SCHEMA_TOOLS), "/v1/messages/count_tokens").status == 200
+    assert gemini.bodies[3]["generateContentRequest"]["tools"][0]["functionDeclarations"] == retry
     said = warnings(caplog)
     assert len(said) == 1 and said[0].startswith("tool mcp__srv__query: Gemini rejects its input schema")
 
@@ -3862,10 +3864,11 @@ def test_check_of_an_unreachable_base_fails_and_says_what_to_set(gemini, monkeyp
 
 
 def test_check_of_a_failing_token_command(gemini, monkeypatch, capsys):
-    status, lines = run_check(monkeypatch, capsys, gemini, GEMINI_API_KEY="", GEMINI_AUTH_COMMAND="exit 3")
+    status, lines = run_check(monkeypatch, capsys, gemini, GEMINI_API_KEY="",
+                              GEMINI_AUTH_COMMAND="echo 'ERROR: no active account' >&2; echo more >&2; exit 3")
     assert status == 1
-    assert lines[0] == ("FAIL GEMINI_AUTH_COMMAND failed (exit 3) -> run the command by hand and fix it "
-                        "(gcloud: `gcloud auth login`)")
+    assert lines[0] == ("FAIL GEMINI_AUTH_COMMAND failed (exit 3): ERROR: no active account -> run the command "
+                        "by hand and fix it (gcloud: `gcloud auth login`)")
     assert not gemini.requests
 
 
