@@ -3128,24 +3128,28 @@ class UpstreamClient:
         """Return Gemini's File after a resumable upload of read(n)'s bytes, chunk by chunk."""
         key = self.keys.pick()  # one key for the whole session
         pieces = _upload_pieces(read, UPLOAD_CHUNK_BYTES)
-        first, last = next(pieces)
+        piece, last = next(pieces)
         headers = {"content-type": "application/json", "X-Goog-Upload-Protocol": "resumable",
                    "X-Goog-Upload-Command": "start",
                    "X-Goog-Upload-Header-Content-Type": mime_type}
         if last:  # the size is known only when the whole file came in the first chunk
-            headers["X-Goog-Upload-Header-Content-Length"] = str(len(first))
+            headers["X-Goog-Upload-Header-Content-Length"] = str(len(piece))
         start = json.dumps({"file": {"displayName": display_name}}).encode()
         response, _ = self._call_raw(key, self.upload_path, start, headers)
         url = urllib.parse.urlsplit(response.getheader("x-goog-upload-url") or "")
         if not url.path:
             raise ProxyError(502, "api_error", "Gemini did not start the upload (no upload URL)")
         session = url.path + ("?" + url.query if url.query else "")
-        offset, answer = 0, b""
-        for piece, last in itertools.chain([(first, last)], pieces):
+        offset = 0
+        while True:
             _, answer = self._call_raw(key, session, piece, {
                 "content-type": "application/octet-stream", "X-Goog-Upload-Offset": str(offset),
                 "X-Goog-Upload-Command": "upload, finalize" if last else "upload"})
             offset += len(piece)
+            if last:
+                break
+            piece = b""  # drop the chunk sent before reading the next: two chunks held at most
+            piece, last = next(pieces)
         try:
             return json.loads(answer)["file"]
         except (ValueError, KeyError, TypeError):
@@ -3812,16 +3816,15 @@ def _rfc3339_of(epoch: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
-def _read_exactly(read, size: int) -> bytes:
-    """Return size bytes from read(n), fewer only at the end."""
-    pieces, got = [], 0
-    while got < size:
-        piece = read(size - got)
+def _read_exactly(read, size: int) -> bytearray:
+    """Return size bytes from read(n), fewer only at the end (a bytearray: no second copy)."""
+    data = bytearray()
+    while len(data) < size:
+        piece = read(size - len(data))
         if not piece:
             break
-        pieces.append(piece)
-        got += len(piece)
-    return b"".join(pieces)
+        data += piece
+    return data
 
 
 def _upload_pieces(read, chunk_size: int):
