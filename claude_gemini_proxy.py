@@ -3494,6 +3494,7 @@ HEALABLE_FIELDS = tuple((re.compile(pattern, re.I), field) for pattern, field in
     (r"function_?response\.parts|\"parts\" at '[^']*function_?response", "functionResponse.parts"),
     (r"\bsafety_?settings\b|\bHARM_CATEGORY_", "safetySettings"),
     (r"ending with a model turn", "prefill"),
+    (r"tool use with function calling is unsupported", "builtinTools"),  # no combination
 ))
 # What the WARNING says for each kind of fix: (what Gemini refused, what the proxy does).
 FIX_WORDS = {
@@ -3506,6 +3507,8 @@ FIX_WORDS = {
     "safety": ("safety category {}", "leaves it out"),
     "media_beside": ("media inside functionResponse.parts", "puts it after the responses"),
     "prefill_as_user": ("a closing model turn (prefill)", "sends it in the user turn"),
+    "functions_only": ("built-in tools next to function declarations",
+                       "sends the function declarations alone"),
 }
 
 
@@ -3589,6 +3592,17 @@ def _fix_media_beside(body: dict, _arg) -> bool:
     return changed
 
 
+def _fix_functions_only(body: dict, _arg) -> bool:
+    """Leave out the built-in tools of a request that also declares functions (as on 2.x)."""
+    tools = body.get("tools") or []
+    functions = [tool for tool in tools if "functionDeclarations" in tool]
+    if not functions or len(functions) == len(tools):
+        return False
+    body["tools"] = functions
+    (body.get("toolConfig") or {}).pop("includeServerSideToolInvocations", None)
+    return True
+
+
 def _fix_prefill_as_user(body: dict, _arg) -> bool:
     return prefill_as_user(body.get("contents") or [])
 
@@ -3597,7 +3611,7 @@ FIXES = {"prefill_as_user": _fix_prefill_as_user, "drop": _fix_drop, "level": _f
          "level_as_budget": _fix_level_as_budget,
          "budget_as_level": _fix_budget_as_level, "budget_range": _fix_budget_range,
          "schema_in_prompt": _fix_schema_in_prompt, "safety": _fix_safety,
-         "media_beside": _fix_media_beside}
+         "media_beside": _fix_media_beside, "functions_only": _fix_functions_only}
 
 
 def apply_fix(body: dict, fix: tuple) -> bool:
@@ -3626,6 +3640,8 @@ def fix_for(message: str, field: str, body: dict) -> tuple | None:
         return ("media_beside", None)
     if field == "prefill":
         return ("prefill_as_user", None)
+    if field == "builtinTools":
+        return ("functions_only", None)
     named = SAFETY_CATEGORY_RE.findall(message)
     return ("safety", named[0]) if named else None
 

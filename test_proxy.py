@@ -154,6 +154,7 @@ class FakeGemini:
              "outputTokenLimit": 8192, "supportedGenerationMethods": ["generateContent"]},
         ]
         self.count_tokens_status = 200
+        self.uncombinable = set()  # Gemini 3 models that still refuse built-in + function tools
         self.hold = threading.Event()  # released by a test once the client has its answer
         self.retired = set()  # models answering 404, as retired ids do
         self.served_as = {}  # model asked for -> modelVersion Gemini reports
@@ -471,7 +472,7 @@ class FakeGemini:
         builtins = [t for t in body.get("tools") or () if set(t) & {"googleSearch", "urlContext", "codeExecution"}]
         if builtins and any("functionDeclarations" in t for t in body.get("tools") or ()):
             combined = (body.get("toolConfig") or {}).get("includeServerSideToolInvocations") is True
-            if cgp.model_version(model) < (3, 0) or not combined:  # the tool-combination guide's rule
+            if cgp.model_version(model) < (3, 0) or not combined or model in self.uncombinable:
                 return 400, gemini_error(400, "Tool use with function calling is unsupported")
         generation = body.get("generationConfig") or {}
         if len(generation.get("stopSequences") or ()) > 5:
@@ -5201,3 +5202,20 @@ def test_a_stream_fold_keeps_no_text_the_final_message_does_not_need():
     run_fold(fold, [chunk(text("t" * 1000, thought=True))] + [chunk(text("x" * 1000))] * 50
              + [chunk(finish="STOP")])
     assert fold.pieces == [] and all(len(json.dumps(b)) < 100 for b in fold.blocks)
+
+
+def test_a_model_that_cannot_combine_tools_gets_the_functions_alone_from_then_on(gemini, proxy, caplog):
+    caplog.set_level("WARNING", logger="claude_gemini_proxy")
+    gemini.uncombinable.add("gemini-3.1-flash-lite")
+    body = messages_body("Fetch and read", model="gemini-3.1-flash-lite",
+                         tools=[WEB_FETCH_TOOL, {"name": "Read", "input_schema": {"type": "object"}}])
+    answer = post(proxy, body)
+    assert answer.status == 200, answer.raw
+    first, retried = gemini.bodies[-2:]
+    assert [list(t) for t in first["tools"]] == [["functionDeclarations"], ["urlContext"]]
+    assert [list(t) for t in retried["tools"]] == [["functionDeclarations"]]
+    assert "includeServerSideToolInvocations" not in retried["toolConfig"]
+    assert any("built-in tools next to function declarations" in r.getMessage() for r in caplog.records)
+    again = post(proxy, body)  # learnt: one call
+    assert again.status == 200 and len(gemini.bodies) == 3
+    assert [list(t) for t in gemini.bodies[-1]["tools"]] == [["functionDeclarations"]]
