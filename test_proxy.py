@@ -4773,13 +4773,18 @@ def test_batch_requests_translate_as_messages_do_and_results_map_back_by_key(gem
 
 
 def test_a_batch_across_models_is_one_gemini_batch_per_model_under_one_id(gemini, proxy):
-    batch = create_batch(proxy, batch_request("a"), batch_request("b", model="gemini-3.1-pro-preview"),
+    file_id = upload(proxy, b"%PDF-1.4 x").json["id"]
+    document = {"type": "document", "source": {"type": "file", "file_id": file_id}}
+    batch = create_batch(proxy, batch_request("a"), batch_request("b", [document], model="gemini-3.1-pro-preview"),
                          batch_request("c"))
     names = gemini_batch_names(proxy, batch["id"])
     posted = [r[1] for r in gemini.requests if r[1].endswith(":batchGenerateContent")]
     assert posted == ["/v1beta/models/gemini-3.5-flash:batchGenerateContent",
                       "/v1beta/models/gemini-3.1-pro-preview:batchGenerateContent"]
     assert [len(gemini.batches[n]["items"]) for n in names] == [2, 1]
+    (uri,) = [f["uri"] for f in gemini.files.values()]
+    assert gemini.batches[names[1]]["items"][0]["request"]["contents"][0]["parts"] == [
+        {"fileData": {"mimeType": "application/pdf", "fileUri": uri}}]  # file sources in batches too
     gemini.end_batch(names[0])
     half = request(proxy, "GET", f"/v1/messages/batches/{batch['id']}").json
     assert half["processing_status"] == "in_progress" and half["request_counts"]["processing"] == 3
