@@ -3625,8 +3625,9 @@ def fix_for(message: str, field: str, body: dict) -> tuple | None:
         return ("drop", field)
     if field == "thinkingLevel":
         level = _thinking(body).get("thinkingLevel")
-        if level is None or UNKNOWN_FIELD_RE.search(message):
-            return ("level_as_budget", None)
+        named = any(re.search(rf"\b{name}\b", message) for name in THINKING_LEVELS + ("XHIGH",))
+        if level is None or UNKNOWN_FIELD_RE.search(message) or not named:
+            return ("level_as_budget", None)  # the field itself, not its value, is refused
         return ("level", (level, _nearest_level(level, message)))
     if field == "thinkingBudget":
         bounds = BUDGET_RANGE_RE.search(message)
@@ -3695,18 +3696,17 @@ class SelfHealing:
              reason: str = "first") -> tuple:
         """Return (Gemini's 200 answer, the request it answered). A refusal the proxy can fix
         is retried fixed; a retired or overloaded model goes once to its MODEL_FALLBACKS model;
-        an error that remains names what the client can act on."""
-        healed, fell_back = 0, False
+        an error that remains names what the client can act on. A change is remembered once
+        Gemini accepted the request it made."""
+        lessons, fell_back = [], False
         while True:
             try:
                 answer = upstream.generate(request.model, request.payload(), live, reason)
-                return answer, request
             except UpstreamError as error:
                 log.debug("Gemini answered HTTP %d for %s: %s", error.upstream_status,
                           request.model, error.message)
                 reason = "self_heal"
-                if healed < MAX_HEALING_RETRIES and self.heal(request, error):
-                    healed += 1
+                if len(lessons) < MAX_HEALING_RETRIES and self.heal(request, error, lessons):
                     continue
                 fallback = self.fallbacks.get(request.model)
                 if fallback and not fell_back and error.upstream_status in FALLBACK_STATUSES:
@@ -3717,33 +3717,35 @@ class SelfHealing:
                     request = self.translate(body, fallback)
                     continue
                 raise self.explain(request, error) from None
+            for lesson in lessons:
+                self._learn(request.model, *lesson)
+            return answer, request
 
-    def heal(self, request: GeminiRequest, error: UpstreamError) -> bool:
-        """Change the request so Gemini accepts it, remembering the change; False if none fits."""
+    def heal(self, request: GeminiRequest, error: UpstreamError, lessons: list) -> bool:
+        """Change the request so Gemini may accept it, adding what was changed to `lessons`;
+        return False when no change fits."""
         if error.upstream_status != 400 or error.key_invalid:
             return False
         if TOOL_PATH_RE.search(error.message):  # about a tool schema, nothing else
-            return self.config.tool_schema_repair and self._repair_rejected(request, error)
+            return self.config.tool_schema_repair and self._repair_rejected(
+                request, error, lessons)
         for pattern, field in HEALABLE_FIELDS:
             if pattern.search(error.message):
                 fix = fix_for(error.message, field, request.body)
                 if fix and apply_fix(request.body, fix):
-                    self._learn(request.model, fix, error)
+                    lessons.append((request.model, fix, error))
                     request.edited()
                     return True
         return False
 
-    def _repair_rejected(self, request: GeminiRequest, error: UpstreamError) -> bool:
+    def _repair_rejected(self, request: GeminiRequest, error: UpstreamError,
+                         lessons: list) -> bool:
         rejected = [d for d in rejected_declarations(error, request.body)
                     if "parametersJsonSchema" in d]
-        hashes = {schema_hash(d["parametersJsonSchema"]) for d in rejected}
+        hashes = frozenset(schema_hash(d["parametersJsonSchema"]) for d in rejected)
         names = self._repair(request, lambda d: any(d is r for r in rejected))
         if names:
-            with self._lock:
-                self.repaired.update(hashes)
-            log.warning("tool %s: Gemini rejects its input schema (%s); sent reduced to "
-                        "Gemini's parameters Schema, now and whenever it comes again",
-                        ", ".join(names), error.message)
+            lessons.append(("", ("schemas", (hashes, ", ".join(names))), error))
         return bool(names)
 
     def _repair(self, request: GeminiRequest, wanted) -> list:
@@ -3759,7 +3761,19 @@ class SelfHealing:
             request.edited()
         return names
 
-    def _learn(self, model: str, fix: tuple, error: UpstreamError) -> None:
+    def _learn(self, answered: str, model: str, fix: tuple, error: UpstreamError) -> None:
+        """Remember a change that made Gemini accept a request, with one WARNING."""
+        if fix[0] == "schemas":  # ((schema hashes), client tool names): for every model
+            with self._lock:
+                if fix[1][0] <= self.repaired:
+                    return
+                self.repaired.update(fix[1][0])
+            log.warning("tool %s: Gemini rejects its input schema (%s); sent reduced to "
+                        "Gemini's parameters Schema, now and whenever it comes again",
+                        fix[1][1], error.message)
+            return
+        if model != answered:  # unproven: the fallback model answered
+            return
         with self._lock:
             known = self.fixes.setdefault(model, [])
             if fix in known:

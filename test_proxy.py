@@ -1841,10 +1841,12 @@ def test_a_400_naming_temperature_is_retried_without_it_and_the_next_request_sen
 
 
 def test_a_field_refused_again_after_the_fix_is_not_retried_again(gemini, proxy):
-    gemini.script = [Reply(status=400, error=unknown_field("temperature"))] * 3
+    gemini.script = [Reply(status=400, error=unknown_field("temperature"))] * 2
     answer = post(proxy, messages_body(temperature=0.2))
     assert answer.status == 400 and "temperature" in answer.json["error"]["message"]
     assert len(gemini.bodies) == 2
+    assert post(proxy, messages_body(temperature=0.2)).status == 200  # a change that did not help
+    assert gemini.bodies[2]["generationConfig"]["temperature"] == 0.2  # is not remembered
 
 
 def test_a_400_about_what_the_answer_depends_on_stands(gemini, proxy):
