@@ -4622,6 +4622,7 @@ class SSEStream:
         self.chunked = chunked  # False for HTTP/1.0 clients: the close ends the stream
         self.preamble = b"".join(sse_frame(name, data) for name, data in preamble)
         self.started = False
+        self.sent = 0  # event bytes written: where an error cut the stream
         self.finished = False
         self.gone = False
         self.last_write = time.monotonic()
@@ -4660,6 +4661,7 @@ class SSEStream:
             out, body = self.head(), self.preamble + body
         if body:
             out += b"%x\r\n%s\r\n" % (len(body), body) if self.chunked else body
+            self.sent += len(body)
         if end:
             out += b"0\r\n\r\n" if self.chunked else b""
             self.finished = True
@@ -4969,8 +4971,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         body = exc.body(self.request_id)
         cut = self.stream is not None and self.stream.started
         log.debug("answering %d %s %s: %s", exc.status, exc.error_type,
-                  "as an SSE error event, the stream cut after its first events" if cut
-                  else "before any of the answer was sent", exc.message)
+                  f"as an SSE error event, the stream cut after {self.stream.sent} bytes of "
+                  "events" if cut else "before any of the answer was sent", exc.message)
         if self.stream is None or self.stream.claim_unstarted():
             self.send_json(exc.status, body, exc.headers)
             return
