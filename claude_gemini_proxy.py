@@ -2980,17 +2980,23 @@ class UpstreamClient:
         for conn in idle:
             conn.close()
 
-    def _send(self, method: str, path: str, payload: bytes | None, headers: dict) -> tuple:
-        """Return (connection, response); a reused connection that fails is replaced once."""
+    def _send(self, method: str, path: str, payload: bytes | None, headers: dict,
+              cancel: Cancel | None = None) -> tuple:
+        """Return (connection, response); a reused connection that fails is replaced once.
+        cancel, when given, can cut the call while Gemini works on it."""
         for attempt in (0, 1):
             conn, reused = None, False
             try:
                 conn, reused = self._checkout() if attempt == 0 else (self._connect(), False)
+                if cancel is not None:
+                    cancel.connecting(conn)
                 conn.request(method, path, body=payload, headers=headers)
                 return conn, conn.getresponse()
-            except (http.client.HTTPException, OSError) as exc:
+            except (http.client.HTTPException, OSError, ClientGone) as exc:
                 if conn:
                     conn.close()
+                if cancel is not None and cancel.cancelled:
+                    raise ClientGone() from None
                 stale = reused and attempt == 0 and not isinstance(
                     exc, (socket.timeout, ssl.SSLCertVerificationError))
                 if not stale:
@@ -3008,7 +3014,7 @@ class UpstreamClient:
         return {"x-goog-api-key": key}
 
     def _open(self, method: str, path: str, payload: bytes | None = None,
-              generation: tuple | None = None) -> tuple:
+              generation: tuple | None = None, cancel: Cancel | None = None) -> tuple:
         """Return (connection, response) for a 200 answer; raise ProxyError otherwise.
 
         generation is (model, reason) for a generate call, counted per upstream call."""
@@ -3021,7 +3027,7 @@ class UpstreamClient:
                 self.metrics.count_call(*generation)
                 generation = (generation[0], "retry_status")  # any further call retries this one
             started = self.now()
-            conn, response = self._send(method, self.base_path + path, payload, headers)
+            conn, response = self._send(method, self.base_path + path, payload, headers, cancel)
             elapsed = self.now() - started
             self.metrics.observe(self.metrics.upstream_seconds, elapsed)
             log.debug("upstream %s %s -> %d after %.0f ms (%d bytes sent)", method,
@@ -3059,13 +3065,22 @@ class UpstreamClient:
         return wait if wait <= self.config.max_retry_wait else None
 
     def _read_all(self, conn, response) -> bytes:
+        """Return a whole answer body, read within UPSTREAM_TIMEOUT and MAX_ANSWER_BYTES."""
+        pieces, size = [], 0
+        deadline = self.now() + self.config.upstream_timeout
         try:
-            payload = response.read()
+            for piece in _pieces(conn, response, deadline, self.now):
+                size += len(piece)
+                if size > MAX_ANSWER_BYTES:
+                    conn.close()
+                    raise ProxyError(502, "api_error", "Gemini's answer is larger than "
+                                     f"{MAX_ANSWER_BYTES >> 20} MiB")
+                pieces.append(piece)
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
             raise transport_error(exc, "reading its answer") from None
         self.release(conn, response)
-        return payload
+        return b"".join(pieces)
 
     def call_json(self, method: str, path: str, body: dict | bytes | None = None) -> dict:
         """Return the parsed JSON object of a 200 answer."""
@@ -3078,8 +3093,8 @@ class UpstreamClient:
             raise ProxyError(502, "api_error", "Gemini sent an answer the proxy could not read")
         return answer
 
-    def generate(self, model: str, payload: bytes, live: bool,
-                 reason: str = "first") -> UpstreamAnswer:
+    def generate(self, model: str, payload: bytes, live: bool, reason: str = "first",
+                 cancel: Cancel | None = None) -> UpstreamAnswer:
         """Return Gemini's answer to a generate request: streamed (live) or in one piece.
 
         reason says why the call is made (UPSTREAM_CALL_REASONS); retries of a refused
@@ -3090,7 +3105,7 @@ class UpstreamClient:
             path = model_path(model, "generateContent")
         asked_at = self.now()
         try:
-            conn, response = self._open("POST", path, payload, (model, reason))
+            conn, response = self._open("POST", path, payload, (model, reason), cancel)
         except UpstreamError as error:
             if error.overflow and not error.overflow[0]:  # "too long" without the count
                 error.overflow = (self._count_tokens(model, payload), error.overflow[1])
@@ -3202,21 +3217,29 @@ class UpstreamAnswer:
             raise
 
     def _sse_chunks(self):
-        data_lines, raw_lines = [], []
+        data_lines, raw_lines, raw_size = [], [], 0
+        timeout, now = self.client.config.upstream_timeout, self.client.now
+        deadline = now() + timeout  # UPSTREAM_TIMEOUT runs from the last data event
         try:
-            for line in iter(self.response.readline, b""):
+            for line in _lines(self.conn, self.response, lambda: deadline, now):
                 line = line.rstrip(b"\r\n")
                 if not line:
                     if data_lines:
                         yield _parse_chunk(b"\n".join(data_lines), "a stream chunk")
-                        data_lines = []
+                        data_lines, deadline = [], now() + timeout
                 elif line.startswith(b"data:"):
                     data_lines.append(line[6:] if line[5:6] == b" " else line[5:])
                 elif not line.startswith((b":", b"event:", b"id:", b"retry:")):
-                    raw_lines.append(line)  # an error may come as raw, multi-line JSON
+                    raw_size += len(line)  # an error may come as raw, multi-line JSON
+                    if raw_size > MAX_SSE_LINE:
+                        raise ProxyError(502, "api_error", "Gemini sent a stream the proxy "
+                                         "could not read (non-data lines past 16 MiB)")
+                    raw_lines.append(line)
         except (OSError, http.client.HTTPException) as exc:
             self.conn.close()
             raise transport_error(exc, "streaming") from None
+        if self.aborted:  # the read was cut because the client left: not an empty answer
+            raise ClientGone()
         if data_lines:
             yield _parse_chunk(b"\n".join(data_lines), "a stream chunk")
         if raw_lines:
@@ -3236,6 +3259,55 @@ class UpstreamAnswer:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+
+
+MAX_ANSWER_BYTES = 64 << 20  # a non-stream answer (or error body) past this is a 502
+MAX_SSE_LINE = 16 << 20  # one SSE line: Gemini's largest chunks (images) stay far below
+READ_PIECE = 65536
+
+
+def _pieces(conn, response, deadline: float, now):
+    """Yield the body as it arrives, each read bounded by the time left to `deadline` (a
+    body dripped a byte at a time cannot hold a request past it)."""
+    while True:
+        left = deadline - now()
+        if left <= 0 or conn.sock is None:
+            raise socket.timeout("UPSTREAM_TIMEOUT passed")
+        conn.sock.settimeout(left)
+        piece = response.read1(READ_PIECE)
+        if not piece:
+            response.read()  # marks a Content-Length answer read, so its connection is pooled
+            return
+        yield piece
+
+
+def _lines(conn, response, deadline, now):
+    """Yield the lines of a streamed body; deadline() is read before each socket read."""
+    pending, size = [], 0  # pieces of the line not ended yet
+    while True:
+        left = deadline() - now()
+        if left <= 0 or conn.sock is None:
+            raise socket.timeout("UPSTREAM_TIMEOUT passed since the last chunk")
+        conn.sock.settimeout(left)
+        piece = response.read1(READ_PIECE)
+        if not piece:
+            response.read()  # marks a Content-Length answer read, so its connection is pooled
+            if pending:
+                yield b"".join(pending)
+            return
+        start = 0
+        end = piece.find(b"\n") + 1
+        while end:
+            pending.append(piece[start:end])
+            yield b"".join(pending)
+            pending, size, start = [], 0, end
+            end = piece.find(b"\n", start) + 1
+        if start < len(piece):
+            pending.append(piece[start:])
+            size += len(piece) - start
+            if size > MAX_SSE_LINE:
+                raise ProxyError(502, "api_error", "Gemini sent a stream line longer than "
+                                 f"{MAX_SSE_LINE >> 20} MiB")
 
 
 def _parse_chunk(payload: bytes, what: str):
@@ -3693,7 +3765,7 @@ class SelfHealing:
         return request
 
     def open(self, upstream: UpstreamClient, request: GeminiRequest, body: dict, live: bool,
-             reason: str = "first") -> tuple:
+             reason: str = "first", cancel: Cancel | None = None) -> tuple:
         """Return (Gemini's 200 answer, the request it answered). A refusal the proxy can fix
         is retried fixed; a retired or overloaded model goes once to its MODEL_FALLBACKS model;
         an error that remains names what the client can act on. A change is remembered once
@@ -3701,7 +3773,8 @@ class SelfHealing:
         lessons, fell_back = [], False
         while True:
             try:
-                answer = upstream.generate(request.model, request.payload(), live, reason)
+                answer = upstream.generate(request.model, request.payload(), live, reason,
+                                           cancel)
             except UpstreamError as error:
                 log.debug("Gemini answered HTTP %d for %s: %s", error.upstream_status,
                           request.model, error.message)
@@ -4555,13 +4628,23 @@ class RequestBody:
 
 
 class Cancel:
-    """Cuts the client's current upstream answer when the client leaves, and refuses any
-    later one, so a client that left is never retried for."""
+    """Cuts the client's current upstream call when the client leaves (while Gemini works on
+    it, or while its answer streams), and refuses any later one, so a client that left is
+    never retried for."""
 
     def __init__(self):
         self.cancelled = False
         self.answer = None
+        self.conn = None
         self._lock = threading.Lock()
+
+    def connecting(self, conn) -> None:
+        """Note the connection a request goes out on; raise ClientGone once cancelled."""
+        with self._lock:
+            self.conn = conn
+            cancelled = self.cancelled
+        if cancelled:
+            raise ClientGone()
 
     def attach(self, answer: UpstreamAnswer) -> None:
         with self._lock:
@@ -4574,9 +4657,14 @@ class Cancel:
     def __call__(self) -> None:
         with self._lock:
             self.cancelled = True
-            answer = self.answer
+            answer, conn = self.answer, self.conn
         if answer is not None:
             answer.abort()
+        if conn is not None and conn.sock is not None:  # Gemini is still working on it
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 def run_fold(open_answer, fold: ResponseFold, send, live: bool, cancel: Cancel) -> None:
@@ -4592,6 +4680,8 @@ def run_fold(open_answer, fold: ResponseFold, send, live: bool, cancel: Cancel) 
             log.debug("Gemini answered %s with nothing usable; asking once more",
                       fold.finish_reason)
             fold.next_attempt()
+        if cancel.cancelled:  # the client left: no call for it, retry or not
+            raise ClientGone()
         answer, fold.request = open_answer(fold.request, reason)
         cancel.attach(answer)
         try:
@@ -4727,29 +4817,55 @@ class StreamWatch:
     def __init__(self, interval: float):
         self.interval = interval
         self.streams: dict = {}  # SSEStream -> the client's socket
+        self.waiting: dict = {}  # Cancel of a non-stream request -> the client's socket
         self._lock = threading.Lock()
         self._thread = None
 
     def add(self, sock: socket.socket, stream: SSEStream) -> None:
         with self._lock:
             self.streams[stream] = sock
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="stream-watch",
-                                                daemon=True)
-                self._thread.start()
+            self._start()
+
+    def add_waiting(self, sock: socket.socket, cancel: Cancel) -> None:
+        """Watch a non-stream client while Gemini answers: leaving cancels the call."""
+        with self._lock:
+            self.waiting[cancel] = sock
+            self._start()
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="stream-watch", daemon=True)
+            self._thread.start()
 
     def remove(self, stream: SSEStream) -> None:
         with self._lock:
             self.streams.pop(stream, None)
 
+    def remove_waiting(self, cancel: Cancel) -> None:
+        with self._lock:
+            self.waiting.pop(cancel, None)
+
     def _run(self) -> None:
-        tick = max(0.02, min(1.0, self.interval / 4))
+        tick = max(0.02, min(1.0, self.interval / 4))  # a client that left is seen within it
         while True:
             time.sleep(tick)
             with self._lock:
-                streams = list(self.streams.items())
+                streams, waiting = list(self.streams.items()), list(self.waiting.items())
             if streams:
                 self.check(streams, time.monotonic())
+            if waiting:
+                self.check_waiting(waiting)
+
+    def check_waiting(self, waiting: list) -> None:
+        """Cancel the upstream calls of the non-stream clients that left."""
+        try:
+            readable, gone, _ = socket_states([sock for _, sock in waiting])
+        except (OSError, ValueError):  # a socket closed meanwhile: next round
+            return
+        for cancel, sock in waiting:
+            fd = sock.fileno()
+            if fd in gone or fd in readable and _client_left(sock):
+                cancel()
 
     def check(self, streams: list, now: float) -> None:
         """Abort the streams whose client left; ping the idle ones that can take it now."""
@@ -5097,15 +5213,23 @@ class ProxyHandler(BaseHTTPRequestHandler):
         cancel = Cancel()
 
         def open_answer(request: GeminiRequest, reason: str) -> tuple:
-            answer, request = server.healing.open(server.upstream, request, body, live, reason)
+            answer, request = server.healing.open(server.upstream, request, body, live, reason,
+                                                  cancel)
             self.gemini_model = request.model  # the model that answers, for the access log
             return answer, request
 
         if not request.stream:
-            run_fold(open_answer, fold, _discard_events, live, cancel)
+            server.watch.add_waiting(self.connection, cancel)  # leaving cancels the call
+            try:
+                run_fold(open_answer, fold, _discard_events, live, cancel)
+            finally:
+                server.watch.remove_waiting(cancel)
             fold.finish()
             self.usage, self.prompt_tokens = fold.usage(), fold.prompt_tokens()
+            # Learned before the answer goes, so the client's next request already follows it.
+            server.healing.note_served(fold.request.model, fold.model_version)
             self.send_json(200, fold.message(), {"x-gemini-model": fold.request.model})
+            return
         else:
             self.stream = SSEStream(self.wfile.write, cancel, lambda: self.stream_head(fold),
                                     fold.start(), self.request_version != "HTTP/1.0")

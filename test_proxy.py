@@ -5227,3 +5227,167 @@ def test_a_model_that_cannot_combine_tools_gets_the_functions_alone_from_then_on
     again = post(proxy, body)  # learnt: one call
     assert again.status == 200 and len(gemini.bodies) == 3
     assert [list(t) for t in gemini.bodies[-1]["tools"]] == [["functionDeclarations"]]
+
+
+class ScriptedUpstream:
+    """A raw HTTP upstream: respond(sock, n) answers request n (from 1) with whatever bytes."""
+
+    def __init__(self, respond):
+        self.respond, self.calls, self.lock = respond, 0, threading.Lock()
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.base = f"http://127.0.0.1:{self.listener.getsockname()[1]}/v1beta"
+        threading.Thread(target=accept_forever, args=(self.listener, self._serve), daemon=True).start()
+
+    def _serve(self, sock):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            piece = sock.recv(65536)
+            if not piece:
+                return
+            data += piece
+        head, body = data.split(b"\r\n\r\n", 1)
+        length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+        while len(body) < length:
+            body += sock.recv(65536)
+        with self.lock:
+            self.calls += 1
+            n = self.calls
+        try:
+            self.respond(sock, n)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    def close(self):
+        self.listener.close()
+
+
+SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def sse_piece(data):
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+@pytest.fixture
+def scripted(start_proxy):
+    made = []
+
+    def make(respond, **config):
+        upstream = ScriptedUpstream(respond)
+        made.append(upstream)
+        return start_proxy(cgp.Config(**dict(dict(host="127.0.0.1", port=0, api_keys=("k",),
+                                                    api_base=upstream.base, max_retries=0,
+                                                    signature_key=b"k" * 32), **config))), upstream
+    yield make
+    for upstream in made:
+        upstream.close()
+
+
+def test_upstream_timeout_counts_between_chunks_not_comment_lines(scripted):
+    def respond(sock, n):
+        sock.sendall(SSE_HEAD + sse_piece(b"data: " + json.dumps(chunk(text("hi"))).encode() + b"\n\n"))
+        for _ in range(100):  # comments every 50 ms for 5 s: they must not keep the stream open
+            sock.sendall(sse_piece(b": keep-alive\n\n"))
+            time.sleep(0.05)
+    proxy, _ = scripted(respond, upstream_timeout=0.4)
+    started = time.monotonic()
+    events, _ = stream(proxy, messages_body())
+    assert events[-1]["type"] == "error" and events[-1]["error"]["type"] == "timeout_error"
+    assert time.monotonic() - started < 2.0
+
+
+def test_a_body_dripped_a_byte_at_a_time_does_not_extend_the_timeout(scripted):
+    def respond(sock, n):
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n")
+        for byte in b" " * 100:
+            sock.sendall(bytes([byte]))
+            time.sleep(0.05)
+    proxy, _ = scripted(respond, upstream_timeout=0.4)
+    started = time.monotonic()
+    answer = post(proxy, messages_body())
+    assert answer.status == 504 and time.monotonic() - started < 2.0
+
+
+def test_an_sse_line_over_16_mib_is_a_502(scripted):
+    def respond(sock, n):
+        sock.sendall(SSE_HEAD + sse_piece(b"data: " + json.dumps(chunk(text("hi"))).encode() + b"\n\n"))
+        piece = b"x" * (1 << 20)
+        for _ in range(17):
+            sock.sendall(sse_piece(piece))
+    proxy, _ = scripted(respond)
+    events, _ = stream(proxy, messages_body())
+    assert events[-1]["type"] == "error" and "16 MiB" in events[-1]["error"]["message"]
+
+
+def test_a_non_stream_answer_over_64_mib_is_a_502(scripted):
+    def respond(sock, n):
+        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                     % (70 << 20))
+        piece = b" " * (1 << 20)
+        for _ in range(70):
+            sock.sendall(piece)
+    proxy, _ = scripted(respond)
+    answer = post(proxy, messages_body())
+    assert answer.status == 502 and "64 MiB" in answer.json["error"]["message"]
+
+
+def metric_count(proxy, status):
+    text_metrics = request(proxy, "GET", "/metrics").raw.decode()
+    return sum(int(float(line.rsplit(" ", 1)[1])) for line in text_metrics.splitlines()
+               if line.startswith("claude_gemini_proxy_requests_total{") and f'status="{status}"' in line)
+
+
+def leave_after(proxy, body, marker):
+    """Send a request, read until `marker` arrives (or nothing is asked for), then hang up."""
+    sock = socket.create_connection(("127.0.0.1", proxy.port))
+    payload = json.dumps(body).encode()
+    sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+    seen = b""
+    while marker and marker not in seen:
+        seen += sock.recv(65536)
+    sock.close()
+
+
+def wait_idle(proxy, seconds=3.0):
+    deadline = time.monotonic() + seconds
+    while proxy.server.active_requests and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return proxy.server.active_requests == 0
+
+
+def test_clients_that_leave_mid_thinking_cost_one_upstream_call_each(gemini, start_proxy):
+    proxy = start_proxy(make_config(gemini, ping_interval=0.2))
+    clients = 20
+    gemini.script = [Reply(chunk(text("Thinking hard", thought=True)), chunk(text("answer"), finish="STOP"),
+                           hold_after=1) for _ in range(clients)]
+    body = dict(messages_body(thinking={"type": "adaptive"}), stream=True)
+    threads = [threading.Thread(target=leave_after, args=(proxy, body, b"thinking_delta"))
+               for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    assert wait_idle(proxy)
+    gemini.hold.set()
+    assert len(gemini.bodies) == clients  # never retried, never counted as an empty answer
+    assert metric_count(proxy, 499) == clients
+    assert post(proxy, messages_body()).status == 200
+
+
+def test_a_non_stream_client_that_leaves_has_its_upstream_call_cancelled(gemini, start_proxy, caplog):
+    caplog.set_level("INFO", logger="claude_gemini_proxy")
+    proxy = start_proxy(make_config(gemini, ping_interval=0.2))
+    gemini.script = [Reply(chunk(text("slow"), finish="STOP"), before=5.0)]
+    leave_after(proxy, messages_body(), None)
+    deadline = time.monotonic() + 2
+    while not gemini.bodies and time.monotonic() < deadline:  # Gemini is working on it
+        time.sleep(0.01)
+    started = time.monotonic()
+    assert wait_idle(proxy, 2.0) and time.monotonic() - started < 1.5
+    assert metric_count(proxy, 499) == 1 and " 499 " in caplog.text
+    assert len(gemini.bodies) == 1
