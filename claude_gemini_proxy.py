@@ -3503,8 +3503,8 @@ def _lifecycle_filter(query: dict) -> set:
 
 
 # == Self-healing =============================================================
-# What the proxy learns from Gemini's refusals: tools named in a 400, reduced tool schemas, the
-# closest models for a 404.
+# SelfHealing: what the proxy learns from Gemini's refusals (fields a model refuses, tool schemas
+# it refuses, the model serving a name) and MODEL_FALLBACKS; errors that name what to fix.
 
 # Gemini points at a declaration as tools[0].function_declarations[3] (or functionDeclarations).
 TOOL_PATH_RE = re.compile(r"tools\[(\d+)\]\.function_?declarations\[(\d+)\]", re.IGNORECASE)
