@@ -701,6 +701,7 @@ class Shape:
 
     types: tuple = (object,)
     name = "any value"
+    plain = frozenset((str, int, bool))  # JSON types accepted without a check call (speed)
 
     def check(self, value, depth: int) -> None:
         _check_any(value, depth)
@@ -717,6 +718,8 @@ class Scalar(Shape):
         self.name = self.NAMES[kind]
         self.minimum, self.min_length, self.max_length = minimum, min_length, max_length
         self.choices = choices
+        limited = choices or minimum is not None or min_length or max_length is not None
+        self.plain = frozenset(() if limited or kind is float else self.types)
 
     def check(self, value, depth: int) -> None:
         if type(value) not in self.types:  # type(), not isinstance(): True is no integer
@@ -738,6 +741,7 @@ class Obj(Shape):
 
     types = (dict,)
     name = "an object"
+    plain = frozenset()
 
     def __init__(self, fields: dict, required: tuple = ()):
         self.fields = fields
@@ -753,10 +757,11 @@ class Obj(Shape):
                 raise _Invalid("field required", name)
         fields = self.fields
         for key, item in value.items():
-            if item is None:
+            shape = fields.get(key, ANY)
+            if item is None or type(item) in shape.plain:
                 continue
             try:
-                fields.get(key, ANY).check(item, depth + 1)
+                shape.check(item, depth + 1)
             except _Invalid as invalid:
                 invalid.path.append(key)
                 raise
@@ -767,6 +772,7 @@ class Arr(Shape):
 
     types = (list,)
     name = "an array"
+    plain = frozenset()
 
     def __init__(self, item: Shape, max_items: int | None = None):
         self.item = item
@@ -779,8 +785,10 @@ class Arr(Shape):
             raise _Invalid(f"nested deeper than {MAX_JSON_DEPTH} levels")
         if self.max_items is not None and len(value) > self.max_items:
             raise _Invalid(f"must have at most {self.max_items} items")
-        check = self.item.check
+        check, plain = self.item.check, self.item.plain
         for i, item in enumerate(value):
+            if type(item) in plain:
+                continue
             try:
                 check(item, depth + 1)
             except _Invalid as invalid:
@@ -795,6 +803,7 @@ class Either(Shape):
         self.shapes = shapes
         self.types = tuple(kind for shape in shapes for kind in shape.types)
         self.name = " or ".join(shape.name for shape in shapes)
+        self.plain = frozenset().union(*(shape.plain for shape in shapes))
 
     def check(self, value, depth: int) -> None:
         for shape in self.shapes:
@@ -809,6 +818,7 @@ class Blocks(Shape):
 
     types = (dict,)
     name = "an object"
+    plain = frozenset()
 
     def __init__(self, by_type: dict):
         self.by_type = by_type  # shared dicts: an entry added later is checked too
