@@ -162,7 +162,8 @@ class Config:
 
 
 # The fields repr() shows: never a key, token, command line or proxy credential.
-REPR_FIELDS = ("host", "port", "auth_type", "default_model", "model_map",
+REPR_FIELDS = ("host", "port", "auth_type", "default_model", "model_map", "model_fallbacks",
+               "tool_schema_repair",
                "max_output_tokens", "stream_mode", "upstream_timeout", "connect_timeout",
                "max_retry_wait", "max_retries", "max_request_bytes", "ping_interval",
                "header_timeout", "idle_timeout", "write_timeout", "max_connections",

@@ -159,6 +159,7 @@ class FakeGemini:
         self.retired = set()  # models answering 404, as retired ids do
         self.served_as = {}  # model asked for -> modelVersion Gemini reports
         self.bad_keys = set()  # keys Gemini calls invalid
+        self.model_list = True  # False: GET /models is a 404, as at a Vertex base
         self.batches = {}  # name -> batch record (Batch API)
         self.files = {}  # name -> Gemini File (Files API)
         self.file_bytes = {}  # name -> content
@@ -235,6 +236,8 @@ class FakeGemini:
         return [r[3] for r in self.requests if r[0] == "POST"]
 
     def answer_get(self, path):
+        if path.startswith("/v1beta/models?") and not self.model_list:  # Vertex: no list there
+            return 404, {"error": gemini_error(404, "The requested URL was not found.", "NOT_FOUND")}
         if path.startswith("/v1beta/models?"):
             if "pageToken=p2" in path:
                 return 200, {"models": self.models[2:]}
@@ -3865,6 +3868,16 @@ def test_check_of_an_unreachable_base_fails_and_says_what_to_set(gemini, monkeyp
     assert lines[0].endswith("-> check GEMINI_API_BASE; behind a proxy set HTTPS_PROXY (and NO_PROXY); for a "
                              "private CA set SSL_CERT_FILE")
     assert lines[1:3] == ["", "Point Claude Code at this proxy:"]
+
+
+def test_check_of_a_base_without_a_model_list_checks_the_models_by_generating(gemini, monkeypatch, capsys):
+    gemini.model_list = False
+    status, lines = run_check(monkeypatch, capsys, gemini)
+    assert status == 0, lines
+    assert lines[:3] == [f"ok   base URL {gemini.base} answers",
+                         "ok   key #1 of 1: this base has no model list; see the models",
+                         "ok   default model gemini-3.5-flash exists and generates"]
+    assert "# CLAUDE_CODE_MAX_CONTEXT_TOKENS: the model list gave no input limit" in lines
 
 
 def test_check_of_a_failing_token_command(gemini, monkeypatch, capsys):
