@@ -3558,7 +3558,7 @@ def not_found_message(model: str, closest: list) -> str:
 
 
 MAX_HEALING_RETRIES = 2  # per request; each must change the body, so none can repeat
-FALLBACK_STATUSES = (404, 429, 503)  # a 429 reaches this point only once every key is limited
+FALLBACK_STATUSES = (404, 429, 503)  # a 429 or 503 arrives here after UpstreamClient's retries
 THINKING_LEVELS = ("MINIMAL", "LOW", "MEDIUM", "HIGH")
 LEVEL_BUDGETS = {"MINIMAL": 512, "LOW": 1024, "MEDIUM": 8192, "HIGH": 24576}
 SAFETY_CATEGORY_RE = re.compile(r"HARM_CATEGORY_[A-Z_]+")
