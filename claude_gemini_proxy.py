@@ -89,7 +89,8 @@ __version__ = "1.0.0"
 __all__ = [
     "Config", "read_config", "map_model", "ProxyError", "UpstreamError", "Carried",
     "SignatureStore", "GeminiRequest", "to_gemini_request", "ResponseFold", "Metrics",
-    "UpstreamClient", "UpstreamAnswer", "ProxyHandler", "ProxyServer", "build_server", "main",
+    "UpstreamClient", "UpstreamAnswer", "Cancel", "ProxyHandler", "ProxyServer", "build_server",
+    "main",
 ]
 
 log = logging.getLogger("claude_gemini_proxy")
