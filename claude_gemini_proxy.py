@@ -973,20 +973,23 @@ def decode_json_body(data: bytes):
     """Return the parsed body, lone surrogates replaced by U+FFFD; raise a 400 for bad JSON."""
     too_deep = bad_request(f"request body: nested deeper than {MAX_JSON_DEPTH} levels")
     try:
-        body = json.loads(data)
+        return without_lone_surrogates(json.loads(data), data, "the request")
     except RecursionError:
         raise too_deep from None
     except ValueError as exc:
         raise bad_request(f"request body is not valid JSON: {exc}") from None
+
+
+def without_lone_surrogates(value, data: bytes, what: str):
+    """Return value, parsed from data, with lone UTF-16 surrogates (escaped or raw in the
+    bytes) replaced by U+FFFD: nothing can encode them later. DEBUG says where."""
     if ESCAPED_SURROGATE_RE.search(data) or b"\xed" in data and RAW_SURROGATE_RE.search(data):
         repaired = []
-        try:
-            body = _repair_surrogates(body, [], repaired)
-        except RecursionError:
-            raise too_deep from None
+        value = _repair_surrogates(value, [], repaired)
         if repaired:
-            log.debug("replaced lone UTF-16 surrogates with U+FFFD at %s", ", ".join(repaired))
-    return body
+            log.debug("replaced lone UTF-16 surrogates with U+FFFD in %s at %s", what,
+                      ", ".join(repaired))
+    return value
 
 
 def _repair_surrogates(value, path: list, repaired: list):
@@ -2036,7 +2039,7 @@ class ResponseFold:
         if problem:
             raise ProxyError(502, "api_error", f"Gemini sent an answer the proxy could not read "
                              f"({problem[:200]})")
-        if "error" in chunk:
+        if chunk.get("error") is not None:
             error = chunk["error"]
             raise upstream_error(error.get("code") or 500, json.dumps({"error": error}).encode())
         events = []
@@ -2160,7 +2163,7 @@ class ResponseFold:
 
     def _part(self, part: dict, events: list) -> None:
         signature = part.get("thoughtSignature")
-        if "functionCall" in part:  # {functionCall: {id?, name, args}, thoughtSignature?}
+        if part.get("functionCall") is not None:  # {functionCall: {id?, name, args}, ...}
             self._call(part["functionCall"], signature, events)
         elif part.get("thought"):  # {text, thought: true, thoughtSignature?}
             if not self.request.thinking:
@@ -2353,7 +2356,7 @@ class ResponseFold:
         results = []
         for chunk in _items(grounding, "groundingChunks"):
             web = chunk.get("web") if isinstance(chunk, dict) else None
-            if isinstance(web, dict) and web.get("uri"):
+            if isinstance(web, dict) and isinstance(web.get("uri"), str) and web["uri"]:
                 results.append({"type": "web_search_result", "url": web["uri"],
                                 "title": web.get("title") or web["uri"], "encrypted_content": "",
                                 "page_age": None})
@@ -2368,7 +2371,7 @@ class ResponseFold:
         titles = {}
         for chunk in _items(grounding, "groundingChunks"):
             web = chunk.get("web") if isinstance(chunk, dict) else None
-            if isinstance(web, dict) and web.get("uri"):
+            if isinstance(web, dict) and isinstance(web.get("uri"), str) and web["uri"]:
                 titles[web["uri"]] = web.get("title")
         entries = [entry for entry in _items(url_context, "urlMetadata")
                    if isinstance(entry, dict) and isinstance(entry.get("retrievedUrl"), str)]
@@ -2505,7 +2508,7 @@ def _items(container: dict, key: str) -> list:
 
 def _fetch_content(entry: dict, title) -> dict:
     """Return the content of a web_fetch_tool_result for one urlMetadata entry."""
-    status = entry.get("urlRetrievalStatus")
+    status = str(entry.get("urlRetrievalStatus"))
     if status != "URL_RETRIEVAL_STATUS_SUCCESS":
         return {"type": "web_fetch_tool_result_error",
                 "error_code": URL_FETCH_ERRORS.get(status, "unavailable")}
@@ -3326,8 +3329,8 @@ def _lines(conn, response, deadline, now):
 def _parse_chunk(payload: bytes, what: str):
     """Return a Gemini JSON chunk; errors without alt=sse come wrapped in an array."""
     try:
-        chunk = json.loads(payload)
-    except ValueError:
+        chunk = without_lone_surrogates(json.loads(payload), payload, what)
+    except (ValueError, RecursionError):
         raise ProxyError(502, "api_error",
                          f"Gemini sent {what} the proxy could not read") from None
     if isinstance(chunk, list) and chunk:

@@ -1575,7 +1575,7 @@ def test_lone_surrogates_become_replacement_characters(gemini, proxy, caplog, ra
         answer = request(proxy, "POST", "/v1/messages", raw=raw)
         assert answer.status == 200, answer.raw
     assert gemini.bodies[-1]["contents"][1]["parts"][0]["text"] == "broken \ufffd emoji"
-    assert "U+FFFD at messages.1.content.0.text" in caplog.text
+    assert "U+FFFD in the request at messages.1.content.0.text" in caplog.text
 
 
 def test_a_valid_surrogate_pair_is_kept():
@@ -5404,3 +5404,36 @@ def test_a_non_stream_client_that_leaves_has_its_upstream_call_cancelled(gemini,
     assert wait_idle(proxy, 2.0) and time.monotonic() - started < 1.5
     assert metric_count(proxy, 499) == 1 and " 499 " in caplog.text
     assert len(gemini.bodies) == 1
+
+
+def test_fuzzed_gemini_chunks_are_translated_or_the_mapped_error():
+    rnd = random.Random(1414)
+    grounding = {"webSearchQueries": ["q"], "groundingChunks": [{"web": {"uri": "https://x", "title": "X"}}],
+                 "groundingSupports": [{"segment": {"text": "Hi"}, "groundingChunkIndices": [0]}]}
+    fetched = [{"retrievedUrl": "https://x", "urlRetrievalStatus": "URL_RETRIEVAL_STATUS_SUCCESS"}]
+    answers = [
+        [chunk(text("plan", thought=True, thoughtSignature=new_signature())), chunk(text("Hi there")),
+         chunk(call("Read", {"file_path": "/a"}, call_id="c1", signature=new_signature()), finish="STOP")],
+        [chunk(text("Hi"), finish="STOP", grounding=grounding, url_context=fetched)],
+        [chunk({"executableCode": {"language": "PYTHON", "code": "print(1)"}},
+               {"codeExecutionResult": {"outcome": "OUTCOME_OK", "output": "1"}}, text("done"), finish="STOP")],
+        [{"promptFeedback": {"blockReason": "SAFETY"}}],
+        [{"error": {"code": 429, "message": "slow", "status": "RESOURCE_EXHAUSTED"}}],
+    ]
+    bodies = [{"thinking": {"type": "adaptive"}, "stop_sequences": ["ZZZ"],
+               "tools": [{"name": "Read", "input_schema": {"type": "object"}}]},
+              {"tools": [{"type": "web_search_20250305", "name": "web_search"}, WEB_FETCH_TOOL]},
+              {"tools": [CODE_TOOL], "stream": True}]
+    outcomes = {"ok": 0, "error": 0}
+    for _ in range(2000):
+        raw = [json.dumps(mutate(piece, rnd)).encode() for piece in rnd.choice(answers)]
+        fold, _ = fold_for(rnd.choice(bodies))
+        try:
+            events = run_fold(fold, [cgp._parse_chunk(piece, "a chunk") for piece in raw])
+            b"".join(cgp.sse_frame(name, data) for name, data in events)  # what the client gets
+            json.dumps(fold.message(), ensure_ascii=False).encode()
+            outcomes["ok"] += 1
+        except cgp.ProxyError as error:
+            assert error.error_type and error.message
+            outcomes["error"] += 1
+    assert outcomes["ok"] > 200 and outcomes["error"] > 200, outcomes
