@@ -77,7 +77,7 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections import OrderedDict, deque, namedtuple
+from collections import OrderedDict, namedtuple
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 try:
@@ -2574,7 +2574,7 @@ class StopSequences:
         self.openings = frozenset(s[:self.GRAM] for s in self.rank if len(s) > self.GRAM)
         self.ordered = sorted(self.rank)  # the sequences a text begins are one bisect range
         self.longest = max(len(sequence) for sequence in sequences)
-        self.starts: deque = deque()  # possible starts of long tails
+        self.starts: list = []  # possible starts of long tails (stream offsets), ascending
         self.base = 0  # stream offset of the text's first character (starts are offsets)
 
     def scan(self, text: str, new_from: int) -> tuple:
@@ -2603,7 +2603,7 @@ class StopSequences:
         openings = self.openings.intersection(grams)
         if openings:
             offset = self.base + low
-            self.starts.extend(offset + i for i, head in enumerate(grams) if head in openings)
+            self.starts += [offset + i for i, head in enumerate(grams) if head in openings]
         return self._hold_from(text), None
 
     def _earlier(self, stop: int, sequence: str, end: int, matched: str | None) -> bool:
@@ -2612,15 +2612,15 @@ class StopSequences:
     def _hold_from(self, text: str) -> int:
         size, base, starts = len(text), self.base, self.starts
         lowest = max(0, size - self.longest + 1)  # a longer tail cannot begin any sequence
+        del starts[:bisect.bisect_left(starts, base + lowest)]
         keep, failures = size, 0
         while starts and keep == size:
             start = starts[0] - base
-            if start >= lowest and (failures == self.MAX_FAILURES
-                                    or self._begins_one(text[start:])):
+            if failures == self.MAX_FAILURES or self._begins_one(text[start:]):
                 keep = start
             else:  # a start disproved once is disproved for good
-                failures += start >= lowest
-                starts.popleft()
+                failures += 1
+                del starts[0]
         for start in range(max(lowest, size - self.GRAM + 1), keep):  # short tails
             if self._begins_one(text[start:]):
                 keep = start
