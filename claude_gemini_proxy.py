@@ -971,11 +971,11 @@ def validate_body(body, shape: Shape = MESSAGES_BODY) -> None:
 
 def decode_json_body(data: bytes):
     """Return the parsed body, lone surrogates replaced by U+FFFD; raise a 400 for bad JSON."""
-    too_deep = bad_request(f"request body: nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         return without_lone_surrogates(json.loads(data), data, "the request")
-    except RecursionError:
-        raise too_deep from None
+    except RecursionError:  # made here, in no local: a cycle through this frame would keep
+        raise bad_request(  # `data` (32 MB) alive until the cycle collector ran
+            f"request body: nested deeper than {MAX_JSON_DEPTH} levels") from None
     except ValueError as exc:
         raise bad_request(f"request body is not valid JSON: {exc}") from None
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import gc
 import hashlib
 import http.client
 import json
@@ -2621,6 +2622,25 @@ def test_idle_keep_alive_connection_closes_after_idle_timeout(gemini, start_prox
         started = time.monotonic()
         assert read_until(sock, lambda got: False, deadline=2) == b""  # closed without a word
         assert 0.25 < time.monotonic() - started < 1.0
+
+
+def test_a_refused_body_is_freed_at_once_not_by_the_cycle_collector(gemini, proxy):
+    deep = b"[" * 300_000 + b"]" * 300_000  # RecursionError inside json.loads
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        replies = exchange(proxy, b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d"
+                           b"\r\n\r\n%s" % (len(deep), deep) + HEALTH, replies=2)
+        assert [r.status for r in replies] == [400, 200]
+        assert wait_for(lambda: proxy.server.active_requests == 0)
+        gc.collect()
+        cycles = [o for o in gc.garbage if isinstance(o, BaseException)]
+        assert cycles == []  # an error in a cycle keeps its frames, and the body, alive
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
 
 
 def test_connections_past_max_connections_get_a_fast_529_and_close(gemini, start_proxy):
