@@ -2981,9 +2981,10 @@ class UpstreamClient:
         self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse
     ) -> None:
         """Return a connection whose response was read to the end to the pool."""
-        if response.will_close or not response.isclosed():
+        if response.will_close or not response.isclosed() or conn.sock is None:
             conn.close()
             return
+        conn.sock.settimeout(self.config.upstream_timeout)  # reads shortened it to their deadline
         with self._lock:
             if len(self._idle) < self.max_idle:
                 self._idle.append(conn)

@@ -5457,3 +5457,11 @@ def test_fuzzed_gemini_chunks_are_translated_or_the_mapped_error():
             assert error.error_type and error.message
             outcomes["error"] += 1
     assert outcomes["ok"] > 200 and outcomes["error"] > 200, outcomes
+
+
+def test_a_pooled_connection_gets_its_full_timeout_back(gemini, start_proxy):
+    proxy = start_proxy(make_config(gemini, upstream_timeout=5.0))
+    gemini.script = [Reply(chunk(text("slow start")), chunk(text(" end"), finish="STOP"), before=0.5)]
+    assert stream(proxy, messages_body())[1]["content"][0]["text"] == "slow start end"
+    idle = proxy.server.upstream._idle
+    assert len(idle) == 1 and idle[0].sock.gettimeout() == 5.0
