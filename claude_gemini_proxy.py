@@ -5236,16 +5236,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
             return answer, request
 
         if not request.stream:
-            server.watch.add_waiting(self.connection, cancel)  # leaving cancels the call
-            try:
-                run_fold(open_answer, fold, _discard_events, live, cancel)
-            finally:
-                server.watch.remove_waiting(cancel)
-            fold.finish()
-            self.usage, self.prompt_tokens = fold.usage(), fold.prompt_tokens()
-            # Learned before the answer goes, so the client's next request already follows it.
-            server.healing.note_served(fold.request.model, fold.model_version)
-            self.send_json(200, fold.message(), {"x-gemini-model": fold.request.model})
+            self.answer_whole(fold, open_answer, live, cancel)
             return
         else:
             self.stream = SSEStream(self.wfile.write, cancel, lambda: self.stream_head(fold),
@@ -5259,6 +5250,20 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.status, self.usage = 200, fold.usage()
             self.prompt_tokens = fold.prompt_tokens()
         server.healing.note_served(fold.request.model, fold.model_version)
+
+    def answer_whole(self, fold: ResponseFold, open_answer, live: bool, cancel: Cancel) -> None:
+        """Answer a non-stream request; the watch cancels Gemini's call if the client leaves."""
+        server = self.server
+        server.watch.add_waiting(self.connection, cancel)
+        try:
+            run_fold(open_answer, fold, _discard_events, live, cancel)
+        finally:
+            server.watch.remove_waiting(cancel)
+        fold.finish()
+        self.usage, self.prompt_tokens = fold.usage(), fold.prompt_tokens()
+        # Learned before the answer goes, so the client's next request already follows it.
+        server.healing.note_served(fold.request.model, fold.model_version)
+        self.send_json(200, fold.message(), {"x-gemini-model": fold.request.model})
 
     def stream_head(self, fold: ResponseFold) -> bytes:
         """Return the head of an SSE response, naming the model that answers; HTTP/1.0 has no
