@@ -5405,16 +5405,19 @@ class ProxyHandler(BaseHTTPRequestHandler):
         lines = iter(lines)
         pending = [next(lines, b"")]  # an error before any output is still an HTTP error
         self.status = 200
+        chunked = self.request_version != "HTTP/1.0"  # 1.0 has no chunks: the close ends it
         try:
-            self.wfile.write(self.response_head(200, "application/x-jsonl", None,
-                                                {"Transfer-Encoding": "chunked"}))
+            self.wfile.write(self.response_head(200, "application/x-jsonl", None, {
+                "Transfer-Encoding": "chunked"} if chunked else {}))
+            if self.command == "HEAD":  # the head GET would get; a body would be misread
+                return
             for line in itertools.chain(lines, [b""]):
                 pending.append(line)
                 if len(pending) >= 256 or not line:  # a few lines per write, the rest at the end
                     body, pending = b"".join(pending), []
                     if body:
-                        self.wfile.write(b"%x\r\n%s\r\n" % (len(body), body))
-            self.wfile.write(b"0\r\n\r\n")
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(body), body) if chunked else body)
+            self.wfile.write(b"0\r\n\r\n" if chunked else b"")
         except ProxyError as error:
             log.warning("batch results cut short: %s", error.message)
             self.close_connection = True

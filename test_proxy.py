@@ -4769,6 +4769,20 @@ def test_file_sources_become_file_data_and_foreign_or_expired_ids_are_400():
         assert raised.value.message.startswith("messages.0.content.0.source.file_id: ")
 
 
+def test_batch_results_answer_head_with_no_body_and_http_1_0_without_chunks(gemini, proxy):
+    batch = create_batch(proxy, batch_request("r0", "one"))
+    (name,) = gemini_batch_names(proxy, batch["id"])
+    gemini.script = [Reply(chunk(text("zero"), finish="STOP"))]
+    gemini.end_batch(name)
+    path = f"/v1/messages/batches/{batch['id']}/results".encode()
+    replies = exchange(proxy, b"HEAD %s HTTP/1.1\r\nHost: x\r\n\r\n" % path + HEALTH, replies=2)
+    assert [r.status for r in replies] == [200, 200] and replies[0].body == b""
+    assert replies[1].body == b'{"status":"ok"}'  # no results body was read as the next answer
+    replies = exchange(proxy, b"GET %s HTTP/1.0\r\n\r\n" % path)
+    assert [r.status for r in replies] == [200] and "transfer-encoding" not in replies[0].headers
+    assert [json.loads(line)["custom_id"] for line in replies[0].body.splitlines()] == ["r0"]
+
+
 def test_batch_requests_translate_as_messages_do_and_results_map_back_by_key(gemini, proxy):
     tool = {"name": "get weather!", "input_schema": {"type": "object", "properties": {}}}
     requests = [batch_request("r0", "one"), batch_request("r1", "two", tools=[tool]),
