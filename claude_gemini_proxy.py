@@ -4576,9 +4576,9 @@ class RequestBody:
         except FramingError as error:
             self.broken = True
             raise ProxyError(error.status, "invalid_request_error", str(error)) from None
-        except (OSError, ClientGone):
+        except (OSError, ClientGone):  # reset, or closed mid-body: the client left
             self.broken = True
-            raise
+            raise ClientGone() from None
 
     def read(self, limit: int) -> bytes:
         """Return the whole body (413 past `limit`)."""

@@ -2528,6 +2528,16 @@ def test_chunked_body_over_limit_or_malformed_is_refused(gemini, start_proxy, ch
     assert gemini.requests == []
 
 
+def test_a_client_leaving_inside_a_chunked_body_is_no_proxy_failure(gemini, proxy, caplog):
+    caplog.set_level("INFO", logger="claude_gemini_proxy")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"2\r\n{}\r\n0\r\nX-Trailer: cut")  # gone inside the trailer section
+    assert wait_for(lambda: "POST /v1/messages 499" in caplog.text)  # the client left
+    assert "Traceback" not in caplog.text and gemini.requests == []
+    assert [r.status for r in exchange(proxy, HEALTH, replies=1)] == [200]
+
+
 def test_post_without_length_is_411(gemini, proxy):
     replies = exchange(proxy, b"POST /v1/messages HTTP/1.1\r\nHost: x\r\n\r\n" + HEALTH, 2)
     assert [r.status for r in replies] == [411, 200]
