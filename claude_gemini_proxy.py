@@ -313,18 +313,7 @@ def read_config(argv: list | None, environ: dict, dotenv_text: str = "") -> Conf
     args = build_arg_parser().parse_args(argv)
     env = parse_dotenv(dotenv_text)
     env.update(environ)
-    values = {}
-    for name_env, _flag, name, conv, _text in ENV_OPTIONS:
-        raw = getattr(args, name, None)
-        if raw is None and env.get(name_env, "") != "":
-            try:
-                raw = conv(env[name_env])
-            except ValueError as exc:
-                if conv not in (int, float):
-                    raise ValueError(f"{name_env}: {exc}") from None
-                raise ValueError(f"{name_env}={env[name_env]!r} is not a valid {conv.__name__}")
-        if raw is not None:
-            values[name] = raw
+    values = _option_values(args, env)
     keys = tuple(k.strip() for k in env.get("GEMINI_API_KEY", "").split(",") if k.strip())
     if values.get("auth_command"):
         values["auth_type"] = "bearer"
@@ -338,19 +327,38 @@ def read_config(argv: list | None, environ: dict, dotenv_text: str = "") -> Conf
         raise ValueError("STREAM_MODE must be 'live' or 'buffered'")
     if not re.match(r"^https?://[^/]+", values.get("api_base", DEFAULT_API_BASE)):
         raise ValueError("GEMINI_API_BASE must be an http:// or https:// URL")
-    signature_secret = env.get("PROXY_SIGNATURE_KEY", "")
-    if signature_secret:
-        signature_key = hashlib.sha256(signature_secret.encode()).digest()
-    else:  # instances sharing the first key (or token command) agree without configuration
-        seed = keys[0] if keys else values["auth_command"]
-        signature_key = hmac.new(
-            seed.encode(), b"claude_gemini_proxy signatures v1", hashlib.sha256
-        ).digest()
     debug = args.debug or env.get("DEBUG", "").lower() in ("1", "true", "yes")
     for name in ("https_proxy", "http_proxy", "no_proxy"):
         values[name] = env.get(name.upper()) or env.get(name) or ""
+    signature_key = _signature_key(env.get("PROXY_SIGNATURE_KEY", ""),
+                                   keys[0] if keys else values["auth_command"])
     return Config(api_keys=keys, model_map=parse_model_map(env.get("MODEL_MAP", "")),
                   signature_key=signature_key, debug=bool(debug), **values)
+
+
+def _option_values(args: argparse.Namespace, env: dict) -> dict:
+    """Return the ENV_OPTIONS settings given by flags, else by the environment."""
+    values = {}
+    for name_env, _flag, name, conv, _text in ENV_OPTIONS:
+        raw = getattr(args, name, None)
+        if raw is None and env.get(name_env, "") != "":
+            try:
+                raw = conv(env[name_env])
+            except ValueError as exc:
+                if conv not in (int, float):
+                    raise ValueError(f"{name_env}: {exc}") from None
+                raise ValueError(f"{name_env}={env[name_env]!r} is not a valid {conv.__name__}")
+        if raw is not None:
+            values[name] = raw
+    return values
+
+
+def _signature_key(secret: str, seed: str) -> bytes:
+    """Return the carriers' HMAC key: from PROXY_SIGNATURE_KEY, else from the first API key
+    (or token command), so instances sharing it agree without configuration."""
+    if secret:
+        return hashlib.sha256(secret.encode()).digest()
+    return hmac.new(seed.encode(), b"claude_gemini_proxy signatures v1", hashlib.sha256).digest()
 
 
 # == Errors ===================================================================
