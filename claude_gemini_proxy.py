@@ -3278,7 +3278,7 @@ class UpstreamAnswer:
 
     def abort(self) -> None:
         self.aborted = True
-        sock = self.conn.sock
+        sock = _answer_socket(self.conn, self.response)
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
@@ -3291,14 +3291,22 @@ MAX_SSE_LINE = 16 << 20  # one SSE line: Gemini's largest chunks (images) stay f
 READ_PIECE = 65536
 
 
+def _answer_socket(conn, response):
+    """Return the socket an answer arrives on: a close-delimited answer (Connection: close,
+    no length) owns it, and http.client has already set conn.sock to None."""
+    if conn.sock is not None:
+        return conn.sock
+    return getattr(getattr(response.fp, "raw", None), "_sock", None)
+
+
 def _pieces(conn, response, deadline: float, now):
     """Yield the body as it arrives, each read bounded by the time left to `deadline` (a
     body dripped a byte at a time cannot hold a request past it)."""
     while True:
-        left = deadline - now()
-        if left <= 0 or conn.sock is None:
+        left, sock = deadline - now(), _answer_socket(conn, response)
+        if left <= 0 or sock is None:
             raise socket.timeout("UPSTREAM_TIMEOUT passed")
-        conn.sock.settimeout(left)
+        sock.settimeout(left)
         piece = response.read1(READ_PIECE)
         if not piece:
             response.read()  # marks a Content-Length answer read, so its connection is pooled
@@ -3310,10 +3318,10 @@ def _lines(conn, response, deadline, now):
     """Yield the lines of a streamed body; deadline() is read before each socket read."""
     pending, size = [], 0  # pieces of the line not ended yet
     while True:
-        left = deadline() - now()
-        if left <= 0 or conn.sock is None:
+        left, sock = deadline() - now(), _answer_socket(conn, response)
+        if left <= 0 or sock is None:
             raise socket.timeout("UPSTREAM_TIMEOUT passed since the last chunk")
-        conn.sock.settimeout(left)
+        sock.settimeout(left)
         piece = response.read1(READ_PIECE)
         if not piece:
             response.read()  # marks a Content-Length answer read, so its connection is pooled

@@ -5357,6 +5357,32 @@ def test_upstream_timeout_counts_between_chunks_not_comment_lines(scripted):
     assert time.monotonic() - started < 2.0
 
 
+CLOSE_DELIMITED_SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n"
+
+
+def test_a_close_delimited_upstream_stream_is_relayed_and_cut_when_the_client_leaves(scripted):
+    release = threading.Event()
+
+    def respond(sock, n):
+        sock.sendall(CLOSE_DELIMITED_SSE_HEAD + b"data: " + json.dumps(chunk(text("one "))).encode()
+                     + b"\r\n\r\n")
+        if n == 2:
+            release.wait(5)  # a slow answer: only a cut read ends the proxy's wait early
+        sock.sendall(b"data: " + json.dumps(chunk(text("two"), finish="STOP")).encode() + b"\r\n\r\n")
+    proxy, _ = scripted(respond, ping_interval=0.2)
+    events, message = stream(proxy, messages_body())
+    assert message["content"][0]["text"] == "one two"
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        payload = json.dumps(dict(messages_body(), stream=True)).encode()
+        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(payload), payload))
+        assert b"one " in read_until(sock, lambda got: b"one " in got)
+    started = time.monotonic()
+    assert wait_for(lambda: proxy.server.active_requests == 0, 3)
+    assert time.monotonic() - started < 1.0 and not release.is_set()
+    release.set()
+
+
 def test_a_body_dripped_a_byte_at_a_time_does_not_extend_the_timeout(scripted):
     def respond(sock, n):
         sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n")
