@@ -3351,7 +3351,7 @@ def tunnel():
     server.close()
 
 
-# == 1. Pool reuse ============================================================
+# -- 1. Pool reuse -------------------------------------------------------------
 
 def test_pooled_connection_is_reused_across_requests(gemini, proxy):
     for i in range(20):
@@ -3367,7 +3367,7 @@ def test_pooled_connection_is_reused_across_requests(gemini, proxy):
     assert len(proxy.server.upstream._idle) == 1
 
 
-# == 2. Stale pooled connections ==============================================
+# -- 2. Stale pooled connections -----------------------------------------------
 
 def test_stale_pooled_connection_is_retried_once_on_a_fresh_one(keyed, start_proxy):
     proxy = start_proxy(make_config(keyed))
@@ -3430,7 +3430,7 @@ def test_stale_retry_uses_a_fresh_connection_not_another_pooled_one(keyed, start
     assert proxy.server.upstream.connections_opened == 3
 
 
-# == 3. CONNECT tunnelling through an egress proxy ============================
+# -- 3. CONNECT tunnelling through an egress proxy -----------------------------
 
 def test_http_proxy_tunnels_with_connect_and_pools_the_tunnel(gemini, tunnel, start_proxy):
     proxy = start_proxy(make_config(gemini, http_proxy=tunnel.url()))
@@ -3477,7 +3477,7 @@ def test_https_proxy_is_not_used_for_an_http_api_base(gemini, tunnel, start_prox
     assert len(gemini.bodies) == 1
 
 
-# == 4. Retries ===============================================================
+# -- 4. Retries ----------------------------------------------------------------
 
 def test_503_then_200_is_retried_and_answered(gemini, start_proxy):
     clock = Clock()
@@ -3562,7 +3562,7 @@ def test_nothing_is_retried_once_a_stream_sent_data(gemini, start_proxy):
     assert proxy.server.upstream.retries == 0
 
 
-# == 5. Key rotation ==========================================================
+# -- 5. Key rotation -----------------------------------------------------------
 
 def test_keys_are_used_in_turn(keyed, start_proxy):
     proxy = start_proxy(make_config(keyed, api_keys=("k1", "k2", "k3")))
@@ -3608,7 +3608,7 @@ def test_dropped_key_hands_its_turn_to_the_next_key(keyed, start_proxy):
     assert used_keys(keyed) == ["k1", "k2", "k3", "k1", "k3"]
 
 
-# == 6. Upstream auth headers =================================================
+# -- 6. Upstream auth headers --------------------------------------------------
 
 CLIENT_HEADERS = {"x-api-key": "client-secret-key", "authorization": "Bearer client-secret-token",
                   "anthropic-version": "2023-06-01", "anthropic-beta": "interleaved-thinking-2025-05-14",
