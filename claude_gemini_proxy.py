@@ -3016,7 +3016,10 @@ class UpstreamClient:
                 if cancel is not None:
                     cancel.connecting(conn)
                 conn.request(method, path, body=payload, headers=headers)
-                return conn, conn.getresponse()
+                sock, response = conn.sock, conn.getresponse()
+                if conn.sock is None:  # a close-delimited answer: http.client let go of the
+                    conn.sock = sock  # socket; keep it for read deadlines and abort()
+                return conn, response
             except (http.client.HTTPException, OSError, ClientGone) as exc:
                 if conn:
                     conn.close()

@@ -36,8 +36,9 @@ class Reply:
     """One scripted Gemini answer: chunks (streamed or merged), or an error status."""
 
     def __init__(self, *chunks, status=200, error=None, pause=0.0, tail=b"", cut=False, before=0.0,
-                 hold_after=None, verbatim=False):
+                 hold_after=None, verbatim=False, close_delimited=False):
         self.chunks = list(chunks)
+        self.close_delimited = close_delimited  # stream with Connection: close, no chunks
         self.verbatim = verbatim  # send the chunks unsigned and unmerged
         self.hold_after = hold_after  # stream this many chunks, then wait for FakeGemini.hold
         self.status = status
@@ -569,6 +570,9 @@ class FakeGemini:
         return answer
 
     def stream(self, handler, reply, chunks):
+        if reply.close_delimited:  # as gateways that close after each answer send it
+            self.stream_until_close(handler, chunks)
+            return
         handler.send_response(200)
         handler.send_header("content-type", "text/event-stream")
         handler.send_header("transfer-encoding", "chunked")
@@ -595,6 +599,16 @@ class FakeGemini:
             handler.wfile.write(b"0\r\n\r\n")
         except OSError:
             handler.close_connection = True
+
+    def stream_until_close(self, handler, chunks):
+        handler.send_response(200)
+        handler.send_header("content-type", "text/event-stream")
+        handler.send_header("connection", "close")
+        handler.end_headers()
+        for answer in chunks:
+            handler.wfile.write(b"data: " + json.dumps(answer).encode() + b"\r\n\r\n")
+        handler.wfile.flush()
+        handler.close_connection = True
 
     def close(self):
         self.server.shutdown()
@@ -2832,6 +2846,15 @@ def test_stream_mid_stream_error_becomes_sse_error(gemini, proxy):
     events, _ = stream(proxy, messages_body())
     assert events[-1]["type"] == "error" and events[-1]["error"]["type"] == "overloaded_error"
     assert "message_stop" not in [e["type"] for e in events]
+
+
+def test_close_delimited_upstream_stream_is_relayed(gemini, proxy):
+    gemini.script = [Reply(chunk(text("closed ")), chunk(text("after"), finish="STOP"),
+                           close_delimited=True)]
+    _, message = stream(proxy, messages_body())
+    assert message["content"] == [{"type": "text", "text": "closed after"}]
+    assert message["stop_reason"] == "end_turn"
+    assert post(proxy, messages_body()).status == 200  # the pool holds no dead connection
 
 
 def test_fault_after_the_first_delta_ends_the_stream_with_an_sse_error(gemini, proxy, monkeypatch):
