@@ -3094,6 +3094,9 @@ class UpstreamClient:
 
     def _read_all(self, conn, response) -> bytes:
         """Return a whole answer body, read within UPSTREAM_TIMEOUT and MAX_ANSWER_BYTES."""
+        if (response.length or 0) > MAX_ANSWER_BYTES:  # declared too long: not read at all
+            conn.close()
+            raise _answer_too_large()
         pieces, size = [], 0
         deadline = self.now() + self.config.upstream_timeout
         try:
@@ -3101,8 +3104,7 @@ class UpstreamClient:
                 size += len(piece)
                 if size > MAX_ANSWER_BYTES:
                     conn.close()
-                    raise ProxyError(502, "api_error", "Gemini's answer is larger than "
-                                     f"{MAX_ANSWER_BYTES >> 20} MiB")
+                    raise _answer_too_large()
                 pieces.append(piece)
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
@@ -3292,6 +3294,11 @@ class UpstreamAnswer:
 MAX_ANSWER_BYTES = 64 << 20  # a non-stream answer (or error body) past this is a 502
 MAX_SSE_LINE = 16 << 20  # one SSE line: Gemini's largest chunks (images) stay far below
 READ_PIECE = 65536
+
+
+def _answer_too_large() -> ProxyError:
+    return ProxyError(502, "api_error",
+                      f"Gemini's answer is larger than {MAX_ANSWER_BYTES >> 20} MiB")
 
 
 def _answer_socket(conn, response):

@@ -5429,13 +5429,16 @@ def test_an_sse_line_over_16_mib_is_a_502(scripted):
     assert events[-1]["type"] == "error" and "16 MiB" in events[-1]["error"]["message"]
 
 
-def test_a_non_stream_answer_over_64_mib_is_a_502(scripted):
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_non_stream_answer_over_64_mib_is_a_502(scripted, framing):
     def respond(sock, n):
-        sock.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-                     % (70 << 20))
-        piece = b" " * (1 << 20)
-        for _ in range(70):
-            sock.sendall(piece)
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        if framing == "chunked":
+            sock.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n")
+            for _ in range(70):
+                sock.sendall(sse_piece(b" " * (1 << 20)))
+        else:  # refused from its Content-Length, nothing read
+            sock.sendall(head + b"Content-Length: %d\r\n\r\n" % (70 << 20))
     proxy, _ = scripted(respond)
     answer = post(proxy, messages_body())
     assert answer.status == 502 and "64 MiB" in answer.json["error"]["message"]
