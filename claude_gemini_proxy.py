@@ -4912,6 +4912,7 @@ class StreamWatch:
 
     def check(self, streams: list, now: float) -> None:
         """Abort the streams whose client left; ping the idle ones that can take it now."""
+        streams = [(stream, sock) for stream, sock in streams if sock.fileno() >= 0]  # closing
         try:
             readable, gone, writable = socket_states([sock for _, sock in streams])
         except (OSError, ValueError):  # a socket closed meanwhile: next round

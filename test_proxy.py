@@ -2952,6 +2952,25 @@ def test_a_client_that_stops_reading_is_cut_and_stalls_no_other_stream(gemini, s
         stuck.close()
 
 
+def test_a_closed_socket_in_the_watch_list_does_not_hide_the_others():
+    ours, theirs = socket.socketpair()
+    closed, _ = socket.socketpair()
+    closed.close()  # a stream whose handler closed its socket just after the list was copied
+    aborted = []
+
+    class Stream:
+        last_write = 0.0
+
+        def abort(self):
+            aborted.append(self)
+
+    left = Stream()
+    theirs.close()
+    cgp.StreamWatch(15.0).check([(Stream(), closed), (left, ours)], now=1.0)
+    assert aborted == [left]
+    ours.close()
+
+
 def test_client_left_detection_watches_descriptors_past_1024():
     ours, theirs = socket.socketpair()
     high = socket.socket(fileno=os.dup2(ours.fileno(), 1500))
