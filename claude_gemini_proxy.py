@@ -3283,7 +3283,7 @@ class UpstreamAnswer:
 
     def abort(self) -> None:
         self.aborted = True
-        sock = _answer_socket(self.conn, self.response)
+        sock = self.conn.sock
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
@@ -3301,22 +3301,14 @@ def _answer_too_large() -> ProxyError:
                       f"Gemini's answer is larger than {MAX_ANSWER_BYTES >> 20} MiB")
 
 
-def _answer_socket(conn, response):
-    """Return the socket an answer arrives on: a close-delimited answer (Connection: close,
-    no length) owns it, and http.client has already set conn.sock to None."""
-    if conn.sock is not None:
-        return conn.sock
-    return getattr(getattr(response.fp, "raw", None), "_sock", None)
-
-
 def _pieces(conn, response, deadline: float, now):
     """Yield the body as it arrives, each read bounded by the time left to `deadline` (a
     body dripped a byte at a time cannot hold a request past it)."""
     while True:
-        left, sock = deadline - now(), _answer_socket(conn, response)
-        if left <= 0 or sock is None:
+        left = deadline - now()
+        if left <= 0 or conn.sock is None:
             raise socket.timeout("UPSTREAM_TIMEOUT passed")
-        sock.settimeout(left)
+        conn.sock.settimeout(left)
         piece = response.read1(READ_PIECE)
         if not piece:
             response.read()  # marks a Content-Length answer read, so its connection is pooled
@@ -3328,10 +3320,10 @@ def _lines(conn, response, deadline, now):
     """Yield the lines of a streamed body; deadline() is read before each socket read."""
     pending, size = [], 0  # pieces of the line not ended yet
     while True:
-        left, sock = deadline() - now(), _answer_socket(conn, response)
-        if left <= 0 or sock is None:
+        left = deadline() - now()
+        if left <= 0 or conn.sock is None:
             raise socket.timeout("UPSTREAM_TIMEOUT passed since the last chunk")
-        sock.settimeout(left)
+        conn.sock.settimeout(left)
         piece = response.read1(READ_PIECE)
         if not piece:
             response.read()  # marks a Content-Length answer read, so its connection is pooled
