@@ -129,7 +129,7 @@ class Config:
     idle_timeout = 75.0  # keep-alive wait for the next request; above nginx's 60 s default
     write_timeout = 60.0  # a client that reads nothing this long loses its response
     discard_timeout = 5.0  # time spent throwing away a body the answer did not need
-    max_connections = 0  # 0: derived from the file-descriptor limit (max_connections_for)
+    max_connections = 0  # 0: derived from the file-descriptor limit (_max_connections_for)
     max_inflight_bytes = 256 * 1024 * 1024  # request bodies (and their parsed JSON) held at once
     inflight_wait = 3.0  # how long a body waits for room under max_inflight_bytes before a 529
     shutdown_grace = 30.0
@@ -177,7 +177,7 @@ def _without_userinfo(url: str) -> str:
     return scheme + sep + rest.rpartition("@")[2]
 
 
-def parse_model_fallbacks(text: str) -> tuple:
+def _parse_model_fallbacks(text: str) -> tuple:
     """Return ((model, fallback), ...) from "model=fallback,model=fallback"."""
     pairs = []
     for item in text.split(","):
@@ -194,7 +194,7 @@ def parse_model_fallbacks(text: str) -> tuple:
     return tuple(pairs)
 
 
-def parse_on_off(text: str) -> bool:
+def _parse_on_off(text: str) -> bool:
     """Return True for on/true/1/yes, False for off/false/0/no."""
     value = text.strip().lower()
     if value not in ("on", "true", "1", "yes", "off", "false", "0", "no"):
@@ -223,9 +223,9 @@ ENV_OPTIONS = (
     ("MAX_INFLIGHT_BYTES", None, "max_inflight_bytes", int, "request bytes held at once"),
     ("GEMINI_AUTH_COMMAND", None, "auth_command", str, "command printing a bearer token"),
     ("GEMINI_AUTH_TTL", None, "auth_ttl", float, "seconds before the token command runs again"),
-    ("MODEL_FALLBACKS", None, "model_fallbacks", parse_model_fallbacks,
+    ("MODEL_FALLBACKS", None, "model_fallbacks", _parse_model_fallbacks,
      "model=fallback,...: sent once on a 404, 429 or 503"),
-    ("TOOL_SCHEMA_REPAIR", None, "tool_schema_repair", parse_on_off,
+    ("TOOL_SCHEMA_REPAIR", None, "tool_schema_repair", _parse_on_off,
      "on/off: retry a rejected tool schema reduced"),
 )
 
@@ -244,7 +244,7 @@ OTHER_ENV = (
 )
 
 
-def parse_dotenv(text: str) -> dict:
+def _parse_dotenv(text: str) -> dict:
     """Return the KEY=VALUE pairs of .env text (# comments, optional quotes, optional export)."""
     values = {}
     for line in text.splitlines():
@@ -264,7 +264,7 @@ def parse_dotenv(text: str) -> dict:
     return values
 
 
-def parse_model_map(text: str) -> tuple:
+def _parse_model_map(text: str) -> tuple:
     """Return ((glob, model), ...) from "pattern=model,pattern=model"."""
     rules = []
     for item in text.split(","):
@@ -282,7 +282,7 @@ def _shown_default(value) -> str:
     return "unset" if value in ((), "") else repr(value)
 
 
-def build_arg_parser() -> argparse.ArgumentParser:
+def _build_arg_parser() -> argparse.ArgumentParser:
     """Return the command-line parser; its help lists every option and variable."""
     defaults = Config()
     epilog = ["environment variables (flags beat them; they beat ./.env):"]
@@ -310,8 +310,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 def read_config(argv: list | None, environ: dict, dotenv_text: str = "") -> Config:
     """Return the Config for flags, environment and .env text; raise ValueError when unusable."""
-    args = build_arg_parser().parse_args(argv)
-    env = parse_dotenv(dotenv_text)
+    args = _build_arg_parser().parse_args(argv)
+    env = _parse_dotenv(dotenv_text)
     env.update(environ)
     values = _option_values(args, env)
     keys = tuple(k.strip() for k in env.get("GEMINI_API_KEY", "").split(",") if k.strip())
@@ -332,7 +332,7 @@ def read_config(argv: list | None, environ: dict, dotenv_text: str = "") -> Conf
         values[name] = env.get(name.upper()) or env.get(name) or ""
     signature_key = _signature_key(env.get("PROXY_SIGNATURE_KEY", ""),
                                    keys[0] if keys else values["auth_command"])
-    return Config(api_keys=keys, model_map=parse_model_map(env.get("MODEL_MAP", "")),
+    return Config(api_keys=keys, model_map=_parse_model_map(env.get("MODEL_MAP", "")),
                   signature_key=signature_key, debug=bool(debug), **values)
 
 
@@ -394,7 +394,7 @@ class UpstreamError(ProxyError):
         self.overflow = overflow  # (prompt tokens or 0, limit or 0) when the input is too long
 
 
-class ClientGone(Exception):
+class _ClientGone(Exception):
     """The client closed its connection; stop working for it."""
 
 
@@ -429,7 +429,7 @@ CONTEXT_OVERFLOW_RE = re.compile(
 GONE_FILE_WORDS = "or it may not exist"  # Gemini's 403 for a file it no longer has
 
 
-def parse_retry_delay(error: dict) -> float | None:
+def _parse_retry_delay(error: dict) -> float | None:
     """Return the seconds of a Gemini RetryInfo detail, within [0, MAX_KEY_REST], or None."""
     details = error.get("details")
     for detail in details if isinstance(details, list) else ():
@@ -458,18 +458,18 @@ def _error_object(payload: bytes) -> tuple:
     return error, message if isinstance(message, str) else str(message or "")
 
 
-def overflow_message(tokens: int, limit: int) -> str:
+def _overflow_message(tokens: int, limit: int) -> str:
     """Return the Anthropic wording Claude Code compacts on (a limit Gemini did not give:
     just under the count)."""
     return f"prompt is too long: {tokens} tokens > {limit or max(0, tokens - 1)} maximum"
 
 
-def backoff_seconds(attempt: int) -> float:
+def _backoff_seconds(attempt: int) -> float:
     """Return the wait before retry `attempt` (from 0) of a failing upstream, with jitter."""
     return min(0.5 * 2 ** attempt, 8.0) * (1 + random.random() / 4)
 
 
-def upstream_error(status: int, payload: bytes) -> UpstreamError:
+def _upstream_error(status: int, payload: bytes) -> UpstreamError:
     """Return the UpstreamError for a Gemini error response (any body, any size)."""
     if 300 <= status < 400:  # never followed: a key must not go where the base URL did not say
         return UpstreamError(502, "api_error", f"the upstream redirected (HTTP {status}); set "
@@ -481,11 +481,11 @@ def upstream_error(status: int, payload: bytes) -> UpstreamError:
         status, (500, "api_error") if status >= 500 else (400, "invalid_request_error"))
     headers = {}
     key_invalid = status == 401 or b"API_KEY_INVALID" in payload[:MAX_ERROR_PARSED]
-    retry_delay = parse_retry_delay(error)
+    retry_delay = _parse_retry_delay(error)
     overflow = CONTEXT_OVERFLOW_RE.search(message)
     if overflow:  # the count may be missing: UpstreamClient.generate() fills it in
         overflow = (int(overflow.group(1) or 0), int(overflow.group(2) or 0))
-        message = overflow_message(*overflow)
+        message = _overflow_message(*overflow)
     elif status == 403 and GONE_FILE_WORDS in message:  # a deleted file, not a refused key
         client_status, error_type = 400, "invalid_request_error"
         message = f"file_id: Gemini no longer has this file (deleted, or past 48 hours): {message}"
@@ -498,7 +498,8 @@ def upstream_error(status: int, payload: bytes) -> UpstreamError:
         if retry_delay:
             wait = int(retry_delay + 0.999)
         else:  # an overloaded Gemini recovers in seconds: the proxy's own next backoff
-            wait = int(backoff_seconds(1) + 0.999) if client_status == 529 else DEFAULT_RETRY_AFTER
+            wait = (int(_backoff_seconds(1) + 0.999) if client_status == 529
+                    else DEFAULT_RETRY_AFTER)
         headers["retry-after"] = str(max(1, wait))
     if status in NOT_RETRYABLE:
         headers["x-should-retry"] = "false"
@@ -507,7 +508,7 @@ def upstream_error(status: int, payload: bytes) -> UpstreamError:
                          overflow=overflow or None)
 
 
-def transport_error(exc: Exception, doing: str) -> ProxyError:
+def _transport_error(exc: Exception, doing: str) -> ProxyError:
     """Return the error for a failed upstream socket step: a timeout is 504, the rest 502."""
     if isinstance(exc, socket.timeout):
         return ProxyError(504, "timeout_error", f"Gemini did not answer in time ({doing})")
@@ -515,7 +516,7 @@ def transport_error(exc: Exception, doing: str) -> ProxyError:
                       f"{exc.__class__.__name__} {exc}".rstrip())
 
 
-def bad_request(message: str) -> ProxyError:
+def _bad_request(message: str) -> ProxyError:
     return ProxyError(400, "invalid_request_error", message, {"x-should-retry": "false"})
 
 
@@ -540,7 +541,7 @@ def _b64url(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
-def encode_carrier(key: bytes, carried: Carried) -> str:
+def _encode_carrier(key: bytes, carried: Carried) -> str:
     """Return an id-safe token ([A-Za-z0-9_-]) holding `carried`, tagged with an HMAC."""
     model, call_id = carried.model.encode(), carried.call_id.encode()
     signature = carried.signature.encode("ascii", "replace")
@@ -558,7 +559,7 @@ def encode_carrier(key: bytes, carried: Carried) -> str:
     return _b64url(payload + mac)
 
 
-def decode_carrier(key: bytes, token: str) -> Carried | None:
+def _decode_carrier(key: bytes, token: str) -> Carried | None:
     """Return what a carrier token holds, or None if it is not ours or was altered."""
     try:
         blob = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
@@ -589,15 +590,15 @@ NAMES_VERSION = b"\x02"  # never a carrier's version byte, so neither token pass
 KIND_BATCH, KIND_FILE = b"b", b"f"
 
 
-def encode_names(key: bytes, kind: bytes, fields: list) -> str:
+def _encode_names(key: bytes, kind: bytes, fields: list) -> str:
     """Return a deterministic, HMAC-tagged token holding strings (Gemini resource names)."""
     payload = NAMES_VERSION + kind + "\n".join(fields).encode()
     mac = hmac.new(key, payload, hashlib.sha256).digest()[:CARRIER_MAC_BYTES]
     return _b64url(payload + mac)
 
 
-def decode_names(key: bytes, kind: bytes, token: str) -> list | None:
-    """Return the strings of an encode_names token of this kind, or None if forged or foreign."""
+def _decode_names(key: bytes, kind: bytes, token: str) -> list | None:
+    """Return the strings of an _encode_names token of this kind, or None if forged or foreign."""
     try:
         blob = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
     except (binascii.Error, ValueError):
@@ -645,7 +646,7 @@ class SignatureStore:
 
     def issue(self, carried: Carried) -> str:
         """Return a new carrier token for `carried` and remember it."""
-        token = encode_carrier(self.key, carried)
+        token = _encode_carrier(self.key, carried)
         self.put(token, carried)
         return token
 
@@ -655,14 +656,14 @@ class SignatureStore:
             return None
         carried = self.get(token)
         if carried is None:
-            carried = decode_carrier(self.key, token)
+            carried = _decode_carrier(self.key, token)
             if carried is not None:
                 self.put(token, carried)
         return carried
 
 
 # == Request: shapes and validation ===========================================
-# One description of every Messages field the translator reads; validate_body() checks a body
+# One description of every Messages field the translator reads; _validate_body() checks a body
 # against it before translation, so a wrong type anywhere is a 400 naming its path.
 
 MAX_JSON_DEPTH = 128  # deeper bodies are hostile or broken; no real client nests this far
@@ -708,7 +709,7 @@ def _check_any(value, depth: int) -> None:
 _WALKED = (dict, list, float)
 
 
-class Shape:
+class _Shape:
     """Any JSON value (depth and finite numbers still checked); the subclasses narrow it."""
 
     types: tuple = (object,)
@@ -719,7 +720,7 @@ class Shape:
         _check_any(value, depth)
 
 
-class Scalar(Shape):
+class _Scalar(_Shape):
     """A string, integer, number or boolean, with optional limits."""
 
     NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean"}
@@ -748,7 +749,7 @@ class Scalar(Shape):
             raise _Invalid(f"must be at most {self.max_length} characters")
 
 
-class Obj(Shape):
+class _Obj(_Shape):
     """An object with typed fields; a null optional field counts as absent, others are walked."""
 
     types = (dict,)
@@ -779,14 +780,14 @@ class Obj(Shape):
                 raise
 
 
-class Arr(Shape):
+class _Arr(_Shape):
     """An array whose items all have one shape."""
 
     types = (list,)
     name = "an array"
     plain = frozenset()
 
-    def __init__(self, item: Shape, max_items: int | None = None):
+    def __init__(self, item: _Shape, max_items: int | None = None):
         self.item = item
         self.max_items = max_items
 
@@ -808,10 +809,10 @@ class Arr(Shape):
                 raise
 
 
-class Either(Shape):
+class _Either(_Shape):
     """One of several shapes, chosen by the JSON type of the value."""
 
-    def __init__(self, *shapes: Shape):
+    def __init__(self, *shapes: _Shape):
         self.shapes = shapes
         self.types = tuple(kind for shape in shapes for kind in shape.types)
         self.name = " or ".join(shape.name for shape in shapes)
@@ -825,8 +826,8 @@ class Either(Shape):
         raise _Invalid(f"must be {self.name}")
 
 
-class Blocks(Shape):
-    """An object tagged by a string "type"; `by_type` maps types to shapes (others: Obj({}))."""
+class _Blocks(_Shape):
+    """An object tagged by a string "type"; `by_type` maps types to shapes (others: _Obj({}))."""
 
     types = (dict,)
     name = "an object"
@@ -844,122 +845,122 @@ class Blocks(Shape):
         self.by_type.get(kind, ANY_OBJECT).check(value, depth)
 
 
-ANY = Shape()
-ANY_OBJECT = Obj({})
-STRING = Scalar(str)
-BOOLEAN = Scalar(bool)
-STRINGS = Arr(STRING)
+ANY = _Shape()
+ANY_OBJECT = _Obj({})
+STRING = _Scalar(str)
+BOOLEAN = _Scalar(bool)
+STRINGS = _Arr(STRING)
 
 # Block shapes by type. Add a new block type here (and its translation in _HistoryTranslator).
-TEXT_BLOCK = Obj({"text": STRING}, required=("text",))
+TEXT_BLOCK = _Obj({"text": STRING}, required=("text",))
 MEDIA_SOURCES = {
-    "base64": Obj({"media_type": STRING, "data": STRING}, required=("data",)),
-    "url": Obj({"url": STRING}, required=("url",)),
-    "text": Obj({"media_type": STRING, "data": STRING}, required=("data",)),
-    "file": Obj({"file_id": STRING}, required=("file_id",)),
+    "base64": _Obj({"media_type": STRING, "data": STRING}, required=("data",)),
+    "url": _Obj({"url": STRING}, required=("url",)),
+    "text": _Obj({"media_type": STRING, "data": STRING}, required=("data",)),
+    "file": _Obj({"file_id": STRING}, required=("file_id",)),
 }
-IMAGE_BLOCK = Obj({"source": Blocks(MEDIA_SOURCES)}, required=("source",))
-DOCUMENT_SOURCES = dict(MEDIA_SOURCES, content=Obj({"content": Either(
-    STRING, Arr(Blocks({"text": TEXT_BLOCK, "image": IMAGE_BLOCK})))}))
-DOCUMENT_BLOCK = Obj({"source": Blocks(DOCUMENT_SOURCES), "title": STRING}, required=("source",))
-SEARCH_RESULT_BLOCK = Obj({"source": STRING, "title": STRING,
-                           "content": Arr(Blocks({"text": TEXT_BLOCK}))})
-TOOL = Obj({
+IMAGE_BLOCK = _Obj({"source": _Blocks(MEDIA_SOURCES)}, required=("source",))
+DOCUMENT_SOURCES = dict(MEDIA_SOURCES, content=_Obj({"content": _Either(
+    STRING, _Arr(_Blocks({"text": TEXT_BLOCK, "image": IMAGE_BLOCK})))}))
+DOCUMENT_BLOCK = _Obj({"source": _Blocks(DOCUMENT_SOURCES), "title": STRING}, required=("source",))
+SEARCH_RESULT_BLOCK = _Obj({"source": STRING, "title": STRING,
+                           "content": _Arr(_Blocks({"text": TEXT_BLOCK}))})
+TOOL = _Obj({
     "name": STRING, "type": STRING, "description": STRING, "input_schema": ANY_OBJECT,
     "defer_loading": BOOLEAN, "allowed_domains": STRINGS, "blocked_domains": STRINGS,
 }, required=("name",))
 # Mid-conversation tool changes (SDK beta_request_tool_addition_block_param.py): what _tool_changes
 # reads of the tool they name.
 TOOL_CHANGE_TARGETS = {
-    "tool_reference": Obj({"name": STRING}, required=("name",)),
-    "mcp_tool_reference": Obj({"server_name": STRING, "name": STRING},
+    "tool_reference": _Obj({"name": STRING}, required=("name",)),
+    "mcp_tool_reference": _Obj({"server_name": STRING, "name": STRING},
                               required=("server_name", "name")),
-    "mcp_toolset_reference": Obj({"server_name": STRING}, required=("server_name",)),
-    "tool_definition": Obj({"definition": TOOL}, required=("definition",)),
+    "mcp_toolset_reference": _Obj({"server_name": STRING}, required=("server_name",)),
+    "tool_definition": _Obj({"definition": TOOL}, required=("definition",)),
 }
-TOOL_CHANGE = Obj({"tool": Blocks(TOOL_CHANGE_TARGETS)}, required=("tool",))
+TOOL_CHANGE = _Obj({"tool": _Blocks(TOOL_CHANGE_TARGETS)}, required=("tool",))
 TOOL_CHANGES = {"tool_addition": TOOL_CHANGE, "tool_removal": TOOL_CHANGE}
 TOOL_RESULT_BLOCKS = {
     "text": TEXT_BLOCK,
     "image": IMAGE_BLOCK,
     "document": DOCUMENT_BLOCK,
     "search_result": SEARCH_RESULT_BLOCK,
-    "tool_reference": Obj({"tool_name": STRING}, required=("tool_name",)),
+    "tool_reference": _Obj({"tool_name": STRING}, required=("tool_name",)),
 }
 CONTENT_BLOCKS = {
     "text": TEXT_BLOCK,
-    "mid_conv_system": Obj({"content": Either(STRING, Arr(Blocks({"text": TEXT_BLOCK})))}),
+    "mid_conv_system": _Obj({"content": _Either(STRING, _Arr(_Blocks({"text": TEXT_BLOCK})))}),
     "image": IMAGE_BLOCK,
     "document": DOCUMENT_BLOCK,
     "search_result": SEARCH_RESULT_BLOCK,
-    "thinking": Obj({"thinking": STRING, "signature": STRING}),
-    "redacted_thinking": Obj({"data": STRING}),
-    "tool_use": Obj({"id": STRING, "name": STRING, "input": ANY_OBJECT}, required=("id", "name")),
-    "tool_result": Obj({"tool_use_id": STRING, "is_error": BOOLEAN, "content": Either(
-        STRING, Arr(Blocks(TOOL_RESULT_BLOCKS)))}, required=("tool_use_id",)),
+    "thinking": _Obj({"thinking": STRING, "signature": STRING}),
+    "redacted_thinking": _Obj({"data": STRING}),
+    "tool_use": _Obj({"id": STRING, "name": STRING, "input": ANY_OBJECT}, required=("id", "name")),
+    "tool_result": _Obj({"tool_use_id": STRING, "is_error": BOOLEAN, "content": _Either(
+        STRING, _Arr(_Blocks(TOOL_RESULT_BLOCKS)))}, required=("tool_use_id",)),
     **TOOL_CHANGES,
-    "compaction": Obj({"content": STRING, "tool_changes": Arr(Blocks(TOOL_CHANGES))}),
+    "compaction": _Obj({"content": STRING, "tool_changes": _Arr(_Blocks(TOOL_CHANGES))}),
     # Server tool blocks: only code execution's are read (_code_execution_parts).
-    "server_tool_use": Obj({"id": STRING, "name": STRING, "input": Obj({"code": STRING})},
+    "server_tool_use": _Obj({"id": STRING, "name": STRING, "input": _Obj({"code": STRING})},
                            required=("id", "name")),
-    "code_execution_tool_result": Obj({"tool_use_id": STRING, "content": Blocks({
-        "code_execution_result": Obj({"stdout": STRING, "stderr": STRING,
-                                      "return_code": Scalar(int)}),
-        "code_execution_tool_result_error": Obj({"error_code": STRING})})},
+    "code_execution_tool_result": _Obj({"tool_use_id": STRING, "content": _Blocks({
+        "code_execution_result": _Obj({"stdout": STRING, "stderr": STRING,
+                                      "return_code": _Scalar(int)}),
+        "code_execution_tool_result_error": _Obj({"error_code": STRING})})},
         required=("tool_use_id", "content")),
 }
 SYSTEM_BLOCKS = {"text": TEXT_BLOCK}
-MESSAGE = Obj({
-    "role": Scalar(str, choices=("user", "assistant", "system")),
-    "content": Either(STRING, Arr(Blocks(CONTENT_BLOCKS))),
+MESSAGE = _Obj({
+    "role": _Scalar(str, choices=("user", "assistant", "system")),
+    "content": _Either(STRING, _Arr(_Blocks(CONTENT_BLOCKS))),
 }, required=("role", "content"))
-NUMBER = Scalar(float)
+NUMBER = _Scalar(float)
 # The Messages body; count_tokens takes the same one (the translator reads both alike).
-MESSAGES_BODY = Obj({
-    "model": Scalar(str, min_length=1),
-    "messages": Arr(MESSAGE),
-    "max_tokens": Scalar(int, minimum=1),
+MESSAGES_BODY = _Obj({
+    "model": _Scalar(str, min_length=1),
+    "messages": _Arr(MESSAGE),
+    "max_tokens": _Scalar(int, minimum=1),
     "stream": BOOLEAN,
-    "system": Either(STRING, Arr(Blocks(SYSTEM_BLOCKS))),
-    "tools": Arr(TOOL),
-    "tool_choice": Obj({"type": STRING, "name": STRING}),
-    "stop_sequences": Arr(Scalar(str, min_length=1, max_length=MAX_STOP_SEQUENCE_CHARS),
+    "system": _Either(STRING, _Arr(_Blocks(SYSTEM_BLOCKS))),
+    "tools": _Arr(TOOL),
+    "tool_choice": _Obj({"type": STRING, "name": STRING}),
+    "stop_sequences": _Arr(_Scalar(str, min_length=1, max_length=MAX_STOP_SEQUENCE_CHARS),
                           max_items=MAX_STOP_SEQUENCES),
     "temperature": NUMBER,
     "top_p": NUMBER,
-    "top_k": Scalar(int),
-    "thinking": Obj({"type": STRING, "budget_tokens": Scalar(int), "display": STRING}),
-    "output_config": Obj({"effort": STRING, "format": Obj({"type": STRING,
+    "top_k": _Scalar(int),
+    "thinking": _Obj({"type": STRING, "budget_tokens": _Scalar(int), "display": STRING}),
+    "output_config": _Obj({"effort": STRING, "format": _Obj({"type": STRING,
                                                            "schema": ANY_OBJECT})}),
 }, required=("model", "messages"))
 
 
-COUNT = Scalar(int)
+COUNT = _Scalar(int)
 # Gemini's answer chunks (GenerateContentResponse): the fields the fold reads. Metadata the
 # fold reads leniently (grounding, URL context, code execution) is left out.
-GEMINI_CHUNK = Obj({
-    "candidates": Arr(Obj({
-        "content": Obj({"role": STRING, "parts": Arr(Obj({
+GEMINI_CHUNK = _Obj({
+    "candidates": _Arr(_Obj({
+        "content": _Obj({"role": STRING, "parts": _Arr(_Obj({
             "text": STRING, "thought": BOOLEAN, "thoughtSignature": STRING,
-            "functionCall": Obj({
+            "functionCall": _Obj({
                 "name": STRING, "id": STRING, "args": ANY_OBJECT, "willContinue": BOOLEAN,
-                "partialArgs": Arr(Obj({"jsonPath": STRING, "stringValue": STRING,
+                "partialArgs": _Arr(_Obj({"jsonPath": STRING, "stringValue": STRING,
                                         "numberValue": NUMBER, "boolValue": BOOLEAN,
                                         "willContinue": BOOLEAN}, required=("jsonPath",))),
             }),
         }))}),
         "finishReason": STRING, "finishMessage": STRING,
     })),
-    "usageMetadata": Obj({name: COUNT for name in (
+    "usageMetadata": _Obj({name: COUNT for name in (
         "promptTokenCount", "candidatesTokenCount", "totalTokenCount", "cachedContentTokenCount",
         "thoughtsTokenCount", "toolUsePromptTokenCount")}),
-    "promptFeedback": Obj({"blockReason": STRING}),
+    "promptFeedback": _Obj({"blockReason": STRING}),
     "modelVersion": STRING,
-    "error": Obj({"code": COUNT, "message": STRING, "status": STRING}),
+    "error": _Obj({"code": COUNT, "message": STRING, "status": STRING}),
 })
 
 
-def shape_problem(value, shape: Shape) -> str | None:
+def _shape_problem(value, shape: _Shape) -> str | None:
     """Return "path: what is wrong" for the first field of value not fitting shape, or None."""
     try:
         shape.check(value, 1)
@@ -969,26 +970,26 @@ def shape_problem(value, shape: Shape) -> str | None:
     return None
 
 
-def validate_body(body, shape: Shape = MESSAGES_BODY) -> None:
+def _validate_body(body, shape: _Shape = MESSAGES_BODY) -> None:
     """Raise a 400 naming the path (messages.3.content.1.tool_use_id) of the first bad field."""
-    problem = shape_problem(body, shape)
+    problem = _shape_problem(body, shape)
     if problem:
-        raise bad_request(problem if not problem.startswith("the body:")
+        raise _bad_request(problem if not problem.startswith("the body:")
                           else "request body:" + problem[9:])
 
 
-def decode_json_body(data: bytes):
+def _decode_json_body(data: bytes):
     """Return the parsed body, lone surrogates replaced by U+FFFD; raise a 400 for bad JSON."""
     try:
-        return without_lone_surrogates(json.loads(data), data, "the request")
+        return _without_lone_surrogates(json.loads(data), data, "the request")
     except RecursionError:  # made here, in no local: a cycle through this frame would keep
-        raise bad_request(  # `data` (32 MB) alive until the cycle collector ran
+        raise _bad_request(  # `data` (32 MB) alive until the cycle collector ran
             f"request body: nested deeper than {MAX_JSON_DEPTH} levels") from None
     except ValueError as exc:
-        raise bad_request(f"request body is not valid JSON: {exc}") from None
+        raise _bad_request(f"request body is not valid JSON: {exc}") from None
 
 
-def without_lone_surrogates(value, data: bytes, what: str):
+def _without_lone_surrogates(value, data: bytes, what: str):
     """Return value, parsed from data, with lone UTF-16 surrogates (escaped or raw in the
     bytes) replaced by U+FFFD: nothing can encode them later. DEBUG says where."""
     if ESCAPED_SURROGATE_RE.search(data) or b"\xed" in data and RAW_SURROGATE_RE.search(data):
@@ -1063,7 +1064,7 @@ def map_model(client_model: str, config: Config) -> str:
     """Return the Gemini model for a client's model name; raise ProxyError for unsafe names."""
     name = client_model[:-4] if client_model.endswith("[1m]") else client_model
     if not (name.isascii() and name.isprintable()):  # it reaches x-gemini-model and the logs
-        raise bad_request(f"model: {ascii(client_model)} has control or non-ASCII characters")
+        raise _bad_request(f"model: {ascii(client_model)} has control or non-ASCII characters")
     if any(bad in name for bad in UNSAFE_MODEL_PARTS) or not name.strip():
         raise ProxyError(
             400, "invalid_request_error", f"model: {client_model!r} is not a valid model name"
@@ -1078,7 +1079,7 @@ def map_model(client_model: str, config: Config) -> str:
     return config.default_model
 
 
-def model_version(model: str) -> tuple:
+def _model_version(model: str) -> tuple:
     """Return (major, minor) of a Gemini model name; unknown names count as current (3, 0)."""
     match = MODEL_VERSION_RE.match(model)
     if not match:
@@ -1121,7 +1122,7 @@ class GeminiRequest:
         return self._payload
 
 
-def gemini_tool_name(name: str) -> str:
+def _gemini_tool_name(name: str) -> str:
     """Return a function name Gemini accepts; a changed name gets a hash so it stays unique."""
     if GEMINI_NAME_RE.match(name):
         return name
@@ -1157,7 +1158,7 @@ def _texts(content) -> list:
 
 def _check_media_type(media_type: str, allowed: tuple, where: str) -> str:
     if media_type not in allowed:
-        raise bad_request(
+        raise _bad_request(
             f"{where}: {media_type or 'this media type'} is not supported by Gemini; "
             f"send one of {', '.join(allowed)}"
         )
@@ -1179,7 +1180,7 @@ def _media_parts(block: dict, where: str, key: bytes) -> list:
             guessed = mimetypes.guess_type(source["url"])[0] or "image/jpeg"
             media_type = _check_media_type(guessed, SUPPORTED_IMAGE_TYPES, where)
             return [{"fileData": {"mimeType": media_type, "fileUri": source["url"]}}]
-        raise bad_request(f"{where}: image source type {kind!r} is not supported "
+        raise _bad_request(f"{where}: image source type {kind!r} is not supported "
                           "(use base64, url or file)")
     if kind == "base64":  # document
         media_type = source.get("media_type") or "application/pdf"
@@ -1187,7 +1188,7 @@ def _media_parts(block: dict, where: str, key: bytes) -> list:
             try:
                 raw = base64.b64decode(_base64_data(source))
             except (binascii.Error, ValueError):
-                raise bad_request(f"{where}.source.data: must be base64") from None
+                raise _bad_request(f"{where}.source.data: must be base64") from None
             return [{"text": raw.decode("utf-8", "replace")}]
         _check_media_type(media_type, ("application/pdf",), where)
         return [{"inlineData": {"mimeType": media_type, "data": _base64_data(source)}}]
@@ -1203,7 +1204,7 @@ def _media_parts(block: dict, where: str, key: bytes) -> list:
             elif item["type"] == "image":
                 parts.extend(_media_parts(item, f"{where}.source.content.{i}", key))
         return parts
-    raise bad_request(f"{where}: document source type {kind!r} is not supported by Gemini")
+    raise _bad_request(f"{where}: document source type {kind!r} is not supported by Gemini")
 
 
 def _base64_data(source: dict) -> str:
@@ -1213,7 +1214,7 @@ def _base64_data(source: dict) -> str:
     return data
 
 
-# Blocks the Messages API takes in history that Gemini has no use for: server-side artefacts,
+# _Blocks the Messages API takes in history that Gemini has no use for: server-side artefacts,
 # and directives read elsewhere (tool_addition / tool_removal by _tool_changes).
 SILENT_BLOCKS = frozenset((
     "redacted_thinking", "server_tool_use", "web_search_tool_result", "web_fetch_tool_result",
@@ -1248,13 +1249,13 @@ def _file_data(source: dict, where: str, key: bytes) -> dict:
     """Return the fileData part for a file_id source; 400 for a foreign or expired id."""
     file_id = source.get("file_id")
     token = file_id[5:] if isinstance(file_id, str) and file_id.startswith("file_") else ""
-    fields = decode_names(key, KIND_FILE, token) if token else None
+    fields = _decode_names(key, KIND_FILE, token) if token else None
     if not fields or len(fields) != 4:
-        raise bad_request(f"{where}.source.file_id: {file_id!r} is not a file uploaded "
+        raise _bad_request(f"{where}.source.file_id: {file_id!r} is not a file uploaded "
                           "through this proxy (or it was uploaded with another key)")
     _name, mime_type, expires, uri = fields
     if int(expires) <= time.time():
-        raise bad_request(f"{where}.source.file_id: the file expired at "
+        raise _bad_request(f"{where}.source.file_id: the file expired at "
                           f"{_rfc3339_of(int(expires))} (Gemini keeps uploads 48 hours); "
                           "upload it again")
     return {"fileData": {"mimeType": mime_type, "fileUri": uri}}
@@ -1324,7 +1325,7 @@ def _part_mime(part: dict) -> str:
 PREFILL_NOTE = "(Continue your answer from exactly where this text ends, without repeating it.)\n"
 
 
-def prefill_as_user(contents: list) -> bool:
+def _prefill_as_user(contents: list) -> bool:
     """Move a closing model turn of plain text (an assistant prefill) into the user turn before
     it, for models that refuse requests ending with a model turn; return True if it did."""
     last = contents[-1] if len(contents) > 1 else None
@@ -1344,8 +1345,8 @@ class _HistoryTranslator:
     def __init__(self, model: str, signatures: SignatureStore, rules_model: str):
         self.model = model
         self.signatures = signatures
-        self.new_media = model_version(rules_model) >= (3, 0)
-        self.prefill = model_version(rules_model) < (3, 6)  # 3.6+ refuses a closing model turn
+        self.new_media = _model_version(rules_model) >= (3, 0)
+        self.prefill = _model_version(rules_model) < (3, 6)  # 3.6+ refuses a closing model turn
         self.dropped: dict = {}  # why signature carriers were not replayed -> how many
         self.contents: list = []
         self.notes: list = []  # an assistant message's system notes, for the user turn after it
@@ -1410,7 +1411,7 @@ class _HistoryTranslator:
         tool_id, name = block["id"], block["name"]
         args = block.get("input") or {}
         carried = self._carried(tool_id[6:]) if tool_id.startswith("toolu_") else None
-        call = {"name": gemini_tool_name(name), "args": args}
+        call = {"name": _gemini_tool_name(name), "args": args}
         if carried and carried.call_id:
             call["id"] = carried.call_id
         part = {"functionCall": call}
@@ -1466,7 +1467,7 @@ class _HistoryTranslator:
         if contents and contents[0]["role"] == "model":  # Gemini rejects history opening on a call
             contents.insert(0, {"role": "user", "parts": [{"text": "(continued conversation)"}]})
         if not self.prefill:
-            prefill_as_user(contents)
+            _prefill_as_user(contents)
         for content in contents:  # parts of consecutive same-role messages: responses first
             if content["role"] == "user" and len(content["parts"]) > 1:
                 content["parts"].sort(key=lambda part: "functionResponse" not in part)
@@ -1548,7 +1549,7 @@ def _function_declarations(tools: list, messages: list) -> tuple:
         if name in later:
             declarations.append(_declaration(later.pop(name), names))
     if len(declarations) > GEMINI_DECLARATION_LIMIT:
-        raise bad_request(f"tools: Gemini accepts at most {GEMINI_DECLARATION_LIMIT} tools, "
+        raise _bad_request(f"tools: Gemini accepts at most {GEMINI_DECLARATION_LIMIT} tools, "
                           f"this request has {len(declarations)}")
     return declarations, names, server_tools
 
@@ -1559,7 +1560,7 @@ def _declaration(tool: dict, names: dict) -> dict:
     schema = schema if isinstance(schema, dict) else {"type": "object", "properties": {}}
     if "$schema" in schema:  # the one keyword parametersJsonSchema rejects
         schema = {k: v for k, v in schema.items() if k != "$schema"}
-    gemini_name = gemini_tool_name(tool["name"])
+    gemini_name = _gemini_tool_name(tool["name"])
     names[gemini_name] = tool["name"]
     return {"name": gemini_name, "description": tool.get("description") or "",
             "parametersJsonSchema": schema}
@@ -1750,16 +1751,16 @@ def _short_json(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def reduce_tool_schema(schema: dict) -> tuple:
+def _reduce_tool_schema(schema: dict) -> tuple:
     """Return (Gemini `parameters` Schema, or None for no parameters; notes on what was left)."""
     reducer = _SchemaReducer(schema)
     parameters = reducer.reduce(dict(schema, type="object"), "")
     return parameters if parameters and "properties" in parameters else None, reducer.notes
 
 
-def repaired_declaration(declaration: dict) -> dict:
+def _repaired_declaration(declaration: dict) -> dict:
     """Return a function declaration with its schema reduced to Gemini's `parameters` Schema."""
-    parameters, notes = reduce_tool_schema(declaration.get("parametersJsonSchema") or {})
+    parameters, notes = _reduce_tool_schema(declaration.get("parametersJsonSchema") or {})
     description = declaration.get("description") or ""
     if notes:
         shown = "; ".join(notes[:SCHEMA_NOTES_SHOWN])
@@ -1779,7 +1780,7 @@ def _thinking_config(body: dict, model: str) -> tuple:
     if kind not in ("enabled", "adaptive"):  # disabled, or absent as on Claude Code's helper
         return _least_thinking(model), ""  # calls, whose effort asks for nothing to be thought
     effort = (body.get("output_config") or {}).get("effort")
-    legacy = model_version(model) < (3, 0)
+    legacy = _model_version(model) < (3, 0)
     budget_cap = 32768 if "pro" in model else 24576
     config = {}
     if kind == "enabled" and isinstance(thinking.get("budget_tokens"), int):
@@ -1801,16 +1802,16 @@ def _thinking_config(body: dict, model: str) -> tuple:
 
 def _least_thinking(model: str) -> dict | None:
     """Return the thinkingConfig for the least thinking a model allows (None: it cannot think)."""
-    if not MODEL_VERSION_RE.match(model) or model_version(model) < (2, 5):
+    if not MODEL_VERSION_RE.match(model) or _model_version(model) < (2, 5):
         return None
-    if model_version(model) < (3, 0):
+    if _model_version(model) < (3, 0):
         return {"thinkingBudget": 128 if "pro" in model else 0}
     return {"thinkingLevel": _lowest_level(model)}
 
 
 def _lowest_level(model: str) -> str:
     """Return the least thinking a Gemini 3+ model allows (MINIMAL exists on early Flash only)."""
-    return "MINIMAL" if "flash" in model and model_version(model) < (3, 7) else "LOW"
+    return "MINIMAL" if "flash" in model and _model_version(model) < (3, 7) else "LOW"
 
 
 def _generation_config(body: dict, model: str, config: Config, model_info: dict) -> dict:
@@ -1821,7 +1822,7 @@ def _generation_config(body: dict, model: str, config: Config, model_info: dict)
     generation = {"maxOutputTokens": min(max_tokens, config.max_output_tokens, limit)}
     # No stopSequences: Gemini would not say which one it stopped on, so the response side
     # cuts every one and reports it (ResponseFold._text), reading the answer as a stream.
-    if model_version(model) < (3, 6):  # 3.6+ ignores or rejects custom sampling values
+    if _model_version(model) < (3, 6):  # 3.6+ ignores or rejects custom sampling values
         for ours, theirs in (("temperature", "temperature"), ("top_p", "topP"), ("top_k", "topK")):
             if body.get(ours) is not None:
                 generation[theirs] = body[ours]
@@ -1864,7 +1865,7 @@ def _builtin_tools(server_tools: dict, declarations: list, choice: dict, model: 
     forced = [kind for kind, tool in builtins.items() if tool["name"] == choice.get("name")]
     if forced:  # tool_choice names a server tool: it alone runs
         builtins = {forced[0]: builtins[forced[0]]}
-    elif declarations and model_version(model) < (3, 0):
+    elif declarations and _model_version(model) < (3, 0):
         builtins = {}  # Gemini 2.x: "Tool use with function calling is unsupported"
     left_out = set(server_tools) - {tool["name"] for tool in builtins.values()}
     if left_out:
@@ -1891,7 +1892,7 @@ def _function_calling(choice: dict, names: dict) -> dict:
     """Return Gemini's functionCallingConfig for an Anthropic tool_choice."""
     calling = {"mode": TOOL_CHOICE_MODES.get(choice.get("type"), "AUTO")}
     if choice.get("type") == "tool":
-        wanted = gemini_tool_name(str(choice.get("name")))
+        wanted = _gemini_tool_name(str(choice.get("name")))
         if wanted in names:
             calling["allowedFunctionNames"] = [wanted]
         else:  # a forced tool Gemini does not have must not become a 400
@@ -1906,7 +1907,7 @@ def to_gemini_request(body: dict, config: Config, signatures: SignatureStore, mo
     `model` overrides the routing (a fallback); `rules_model` is the model known to serve it
     (Gemini's modelVersion), whose rules apply; `model_info` is that model's entry in Gemini's
     model list (token limits, whether it thinks)."""
-    validate_body(body)
+    _validate_body(body)
     model = model or map_model(body["model"], config)
     rules = rules_model or model
     history = _HistoryTranslator(model, signatures, rules)
@@ -1914,7 +1915,7 @@ def to_gemini_request(body: dict, config: Config, signatures: SignatureStore, mo
         history.add(message, f"messages.{i}")
     contents = history.finish()
     if not contents:
-        raise bad_request("messages: at least one message with content is required")
+        raise _bad_request("messages: at least one message with content is required")
     system = _texts(body["system"]) if body.get("system") else []
     model_tools, names, builtins = _gemini_tools(body, model)
     system.extend(filter(None, (_builtin_prompt(kind, tool) for kind, tool in builtins.items())))
@@ -1996,7 +1997,7 @@ def _log_refusal(what: str, reason: str, rated: dict) -> None:
               ", ".join(map(str, categories)) or "none named")
 
 
-def sse_frame(event: str, data: dict) -> bytes:
+def _sse_frame(event: str, data: dict) -> bytes:
     """Return one Anthropic SSE event as bytes."""
     return b"event: %s\ndata: %s\n\n" % (event.encode(), json.dumps(data, separators=(",", ":"),
                                                                    ensure_ascii=False).encode())
@@ -2017,7 +2018,7 @@ class ResponseFold:
         self.pieces: list = []  # text pieces of the open text/thinking block
         self.open_kind = ""  # "text" or "thinking" while such a block is open
         self.held = ""  # text held back while it could still be the start of a stop sequence
-        self.stops = StopSequences(request.stop_sequences) if request.stop_sequences else None
+        self.stops = _StopSequences(request.stop_sequences) if request.stop_sequences else None
         self.stop_reason = None
         self.stop_sequence = None
         self.finish_reason = None
@@ -2043,13 +2044,13 @@ class ResponseFold:
 
     def feed(self, chunk) -> list:
         """Return the events for one Gemini chunk; raise ProxyError for an error chunk."""
-        problem = shape_problem(chunk, GEMINI_CHUNK)
+        problem = _shape_problem(chunk, GEMINI_CHUNK)
         if problem:
             raise ProxyError(502, "api_error", f"Gemini sent an answer the proxy could not read "
                              f"({problem[:200]})")
         if chunk.get("error") is not None:
             error = chunk["error"]
-            raise upstream_error(error.get("code") or 500, json.dumps({"error": error}).encode())
+            raise _upstream_error(error.get("code") or 500, json.dumps({"error": error}).encode())
         events = []
         if chunk.get("usageMetadata"):
             self.usage_metadata = chunk["usageMetadata"]  # cumulative: the last one wins
@@ -2122,7 +2123,7 @@ class ResponseFold:
         if reason is None:
             raise ProxyError(502, "api_error", "Gemini's answer ended without a finish reason")
         if reason == "MISSING_THOUGHT_SIGNATURE":
-            raise bad_request("messages: Gemini refused the history: a function call in it has "
+            raise _bad_request("messages: Gemini refused the history: a function call in it has "
                               "no thought signature (MISSING_THOUGHT_SIGNATURE); replay the "
                               "tool_use blocks exactly as the proxy returned them")
         if not self._shown() and self._ended_empty():  # also after the retry
@@ -2563,7 +2564,7 @@ def _token_count(meta: dict, name: str) -> int:
     return count if isinstance(count, int) and count > 0 else 0
 
 
-class StopSequences:
+class _StopSequences:
     """Find the stop sequence that ends first in streamed text; hold back only a possible start.
 
     Work per chunk is one 8-character slice per new position plus a few C-level searches, not a
@@ -2644,7 +2645,7 @@ class StopSequences:
 # == Operators: metrics =======================================================
 # Counters and histograms behind GET /metrics.
 
-class Histogram:
+class _Histogram:
     """A Prometheus histogram: cumulative bucket counts, sum and count."""
 
     def __init__(self, buckets: tuple):
@@ -2684,7 +2685,7 @@ def _token_kinds(usage: dict) -> tuple:
             ("thinking", details.get("thinking_tokens", 0)))
 
 
-def label_value(value) -> str:
+def _label_value(value) -> str:
     """Return a Prometheus label value escaped per the text format (\\, \", \n)."""
     text = str(value)
     if "\\" in text or '"' in text or "\n" in text:
@@ -2696,7 +2697,7 @@ def _labelled(name: str, help_text: str, counts: dict, label: str) -> list:
     """Return a counter's lines from {model label: {label value: count}}."""
     lines = [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
     for model, by_label in sorted(counts.items()):
-        lines += [f'{name}{{model="{label_value(model)}",{label}="{label_value(value)}"}} '
+        lines += [f'{name}{{model="{_label_value(model)}",{label}="{_label_value(value)}"}} '
                   f'{count}' for value, count in by_label.items()]
     return lines
 
@@ -2725,8 +2726,8 @@ class Metrics:
         # the rest are "other". Names not yet answered are kept apart up to a cap.
         self.accepted: set = set()
         self.pending: set = set()
-        self.upstream_seconds = Histogram(LATENCY_BUCKETS)
-        self.first_chunk_seconds = Histogram(LATENCY_BUCKETS)
+        self.upstream_seconds = _Histogram(LATENCY_BUCKETS)
+        self.first_chunk_seconds = _Histogram(LATENCY_BUCKETS)
         self._lock = threading.Lock()
 
     def accept_model(self, model: str) -> None:
@@ -2764,7 +2765,7 @@ class Metrics:
             calls = self.calls.setdefault(model, dict.fromkeys(UPSTREAM_CALL_REASONS, 0))
             calls[reason] += 1
 
-    def observe(self, histogram: Histogram, seconds: float) -> None:
+    def observe(self, histogram: _Histogram, seconds: float) -> None:
         with self._lock:
             histogram.observe(seconds)
 
@@ -2780,8 +2781,8 @@ class Metrics:
                 requests[key] = requests.get(key, 0) + count
             for (route, status, model), count in sorted(requests.items()):
                 lines.append(
-                    f'{prefix}requests_total{{route="{label_value(route)}",status="{status}",'
-                    f'model="{label_value(model)}"}} {count}'
+                    f'{prefix}requests_total{{route="{_label_value(route)}",status="{status}",'
+                    f'model="{_label_value(model)}"}} {count}'
                 )
             lines += _labelled(prefix + "tokens_total", "Tokens Gemini reported, by model and "
                                "kind (output includes thinking).",
@@ -2808,7 +2809,7 @@ class Metrics:
 # One SSL context, a pool of keep-alive http.client connections, key rotation and
 # retries; yields parsed stream chunks as they arrive.
 
-class KeyRing:
+class _KeyRing:
     """The Gemini keys in turn; a rate-limited key rests, a rejected one is dropped."""
 
     def __init__(self, keys: tuple, now=time.monotonic):
@@ -2852,7 +2853,7 @@ class KeyRing:
         return sum(1 for key in self.keys if self.resting.get(key, 0) > now)
 
 
-class TokenCommand:
+class _TokenCommand:
     """A bearer token printed by GEMINI_AUTH_COMMAND, rerun after its TTL and after a 401."""
 
     def __init__(self, command: str, ttl: float, now=time.monotonic):
@@ -2943,8 +2944,8 @@ class UpstreamClient:
         self.upload_path = f"{prefix}/upload/{version}/files"
         self._ssl_context = None  # made on first use: loading the CA store costs ~25 ms
         self.egress = _egress_proxy(config, base.scheme, self.host)
-        self.keys = KeyRing(config.api_keys or ("",), now=now)
-        self.token_command = (TokenCommand(config.auth_command, config.auth_ttl, now=now)
+        self.keys = _KeyRing(config.api_keys or ("",), now=now)
+        self.token_command = (_TokenCommand(config.auth_command, config.auth_ttl, now=now)
                               if config.auth_command else None)
         self.connections_opened = 0
         self.retries = 0
@@ -3020,15 +3021,15 @@ class UpstreamClient:
                 if conn.sock is None:  # a close-delimited answer: http.client let go of the
                     conn.sock = sock  # socket; keep it for read deadlines and abort()
                 return conn, response
-            except (http.client.HTTPException, OSError, ClientGone) as exc:
+            except (http.client.HTTPException, OSError, _ClientGone) as exc:
                 if conn:
                     conn.close()
                 if cancel is not None and cancel.cancelled:
-                    raise ClientGone() from None
+                    raise _ClientGone() from None
                 stale = reused and attempt == 0 and not isinstance(
                     exc, (socket.timeout, ssl.SSLCertVerificationError))
                 if not stale:
-                    raise transport_error(exc, "connecting") from None
+                    raise _transport_error(exc, "connecting") from None
                 # the pooled connection had gone stale: once more on a fresh one
         raise AssertionError("unreachable")
 
@@ -3062,7 +3063,7 @@ class UpstreamClient:
                       path.split("?")[0], response.status, elapsed * 1000, len(payload or b""))
             if response.status == 200:
                 return conn, response
-            error = upstream_error(response.status, self._read_all(conn, response))
+            error = _upstream_error(response.status, self._read_all(conn, response))
             if response.status == 401 and self.token_command and not token_refreshed:
                 self.token_command.refresh(auth["Authorization"][7:])
                 token_refreshed = True
@@ -3089,7 +3090,7 @@ class UpstreamClient:
         if error.retry_delay is not None:
             wait = error.retry_delay
         else:
-            wait = backoff_seconds(attempt)
+            wait = _backoff_seconds(attempt)
         return wait if wait <= self.config.max_retry_wait else None
 
     def _read_all(self, conn, response) -> bytes:
@@ -3108,7 +3109,7 @@ class UpstreamClient:
                 pieces.append(piece)
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
-            raise transport_error(exc, "reading its answer") from None
+            raise _transport_error(exc, "reading its answer") from None
         self.release(conn, response)
         return b"".join(pieces)
 
@@ -3130,16 +3131,16 @@ class UpstreamClient:
         reason says why the call is made (UPSTREAM_CALL_REASONS); retries of a refused
         call count as retry_status."""
         if live:
-            path = model_path(model, "streamGenerateContent") + "?alt=sse"
+            path = _model_path(model, "streamGenerateContent") + "?alt=sse"
         else:
-            path = model_path(model, "generateContent")
+            path = _model_path(model, "generateContent")
         asked_at = self.now()
         try:
             conn, response = self._open("POST", path, payload, (model, reason), cancel)
         except UpstreamError as error:
             if error.overflow and not error.overflow[0]:  # "too long" without the count
                 error.overflow = (self._count_tokens(model, payload), error.overflow[1])
-                error.message = overflow_message(*error.overflow)
+                error.message = _overflow_message(*error.overflow)
             raise
         return UpstreamAnswer(self, conn, response, live, asked_at)
 
@@ -3150,7 +3151,7 @@ class UpstreamClient:
                  if key in body}
         try:
             inner["model"] = f"models/{model}"
-            answer = self.call_json("POST", model_path(model, "countTokens"),
+            answer = self.call_json("POST", _model_path(model, "countTokens"),
                                     {"generateContentRequest": inner})
             if isinstance(answer.get("totalTokens"), int) and answer["totalTokens"] > 0:
                 return answer["totalTokens"]
@@ -3166,7 +3167,7 @@ class UpstreamClient:
         conn, response = self._send("POST", path, payload, headers)
         body = self._read_all(conn, response)
         if response.status != 200:
-            raise upstream_error(response.status, body)
+            raise _upstream_error(response.status, body)
         return response, body
 
     def upload(self, display_name: str, mime_type: str, read) -> dict:
@@ -3207,7 +3208,7 @@ class UpstreamClient:
             for line in iter(response.readline, b""):
                 yield line
         except (OSError, http.client.HTTPException) as exc:
-            raise transport_error(exc, "downloading a file") from None
+            raise _transport_error(exc, "downloading a file") from None
         finally:
             if response.isclosed():
                 self.release(conn, response)
@@ -3229,7 +3230,7 @@ class UpstreamAnswer:
         self.aborted = False
 
     def chunks(self):
-        """Yield each Gemini chunk (one for a buffered answer); raise ClientGone once aborted."""
+        """Yield each Gemini chunk (one for a buffered answer); raise _ClientGone once aborted."""
         try:
             if not self.live:
                 yield _parse_chunk(self.client._read_all(self.conn, self.response), "an answer")
@@ -3243,7 +3244,7 @@ class UpstreamAnswer:
                 yield chunk
         except ProxyError:
             if self.aborted:
-                raise ClientGone() from None
+                raise _ClientGone() from None
             raise
 
     def _sse_chunks(self):
@@ -3267,9 +3268,9 @@ class UpstreamAnswer:
                     raw_lines.append(line)
         except (OSError, http.client.HTTPException) as exc:
             self.conn.close()
-            raise transport_error(exc, "streaming") from None
+            raise _transport_error(exc, "streaming") from None
         if self.aborted:  # the read was cut because the client left: not an empty answer
-            raise ClientGone()
+            raise _ClientGone()
         if data_lines:
             yield _parse_chunk(b"\n".join(data_lines), "a stream chunk")
         if raw_lines:
@@ -3348,7 +3349,7 @@ def _lines(conn, response, deadline, now):
 def _parse_chunk(payload: bytes, what: str):
     """Return a Gemini JSON chunk; errors without alt=sse come wrapped in an array."""
     try:
-        chunk = without_lone_surrogates(json.loads(payload), payload, what)
+        chunk = _without_lone_surrogates(json.loads(payload), payload, what)
     except (ValueError, RecursionError):
         raise ProxyError(502, "api_error",
                          f"Gemini sent {what} the proxy could not read") from None
@@ -3357,7 +3358,7 @@ def _parse_chunk(payload: bytes, what: str):
     return chunk
 
 
-def model_path(model: str, method: str) -> str:
+def _model_path(model: str, method: str) -> str:
     """Return the upstream path of a model method, the model name URL-quoted."""
     return f"/models/{urllib.parse.quote(model, safe='')}:{method}"
 
@@ -3380,7 +3381,7 @@ MODEL_LIFECYCLE = {
 LIFECYCLES = ("active", "deprecated", "retired")
 
 
-class ModelCatalog:
+class _ModelCatalog:
     """Gemini's model list in Anthropic shape, fetched page by page and cached for a while."""
 
     def __init__(self, upstream: UpstreamClient, config: Config, now=time.monotonic):
@@ -3493,26 +3494,26 @@ def _capabilities(gemini_model: dict, model_id: str) -> dict:
     }
 
 
-def page_models(models: list, query: dict) -> dict:
+def _page_models(models: list, query: dict) -> dict:
     """Return one page of the Anthropic model list for lifecycle / limit / after_id / before_id."""
     wanted = _lifecycle_filter(query)
-    return page_by_id([m for m in models if m["lifecycle"] in wanted], query)
+    return _page_by_id([m for m in models if m["lifecycle"] in wanted], query)
 
 
-def page_limit(query: dict) -> int:
+def _page_limit(query: dict) -> int:
     """Return an Anthropic list's limit (default 20); 400 outside 1-1000."""
     try:
         limit = int(query.get("limit", ["20"])[0])
     except ValueError:
         limit = 0
     if not 1 <= limit <= 1000:
-        raise bad_request("limit: must be an integer from 1 to 1000")
+        raise _bad_request("limit: must be an integer from 1 to 1000")
     return limit
 
 
-def page_by_id(items: list, query: dict) -> dict:
+def _page_by_id(items: list, query: dict) -> dict:
     """Return one page of a list of objects with ids for limit / after_id / before_id."""
-    limit = page_limit(query)
+    limit = _page_limit(query)
     ids = [item["id"] for item in items]
     after, before = query.get("after_id", [""])[0], query.get("before_id", [""])[0]
     if before:
@@ -3533,19 +3534,19 @@ def _lifecycle_filter(query: dict) -> set:
               for v in raw.split(",") if v]
     for value in values:
         if value not in LIFECYCLES:
-            raise bad_request(f"lifecycle: {value!r} is not one of {', '.join(LIFECYCLES)}")
+            raise _bad_request(f"lifecycle: {value!r} is not one of {', '.join(LIFECYCLES)}")
     return set(values) or {"active", "deprecated"}
 
 
 # == Self-healing =============================================================
-# SelfHealing: what the proxy learns from Gemini's refusals (fields a model refuses, tool schemas
+# _SelfHealing: what the proxy learns from Gemini's refusals (fields a model refuses, tool schemas
 # it refuses, the model serving a name) and MODEL_FALLBACKS; errors that name what to fix.
 
 # Gemini points at a declaration as tools[0].function_declarations[3] (or functionDeclarations).
 TOOL_PATH_RE = re.compile(r"tools\[(\d+)\]\.function_?declarations\[(\d+)\]", re.IGNORECASE)
 
 
-def rejected_declarations(error: UpstreamError, body: dict) -> list:
+def _rejected_declarations(error: UpstreamError, body: dict) -> list:
     """Return the function declarations a Gemini 400 points into, in order, without repeats."""
     if error.upstream_status != 400:
         return []
@@ -3558,9 +3559,9 @@ def rejected_declarations(error: UpstreamError, body: dict) -> list:
     return found
 
 
-def name_rejected_tools(error: UpstreamError, request: GeminiRequest) -> UpstreamError:
+def _name_rejected_tools(error: UpstreamError, request: GeminiRequest) -> UpstreamError:
     """Return the error with the client's names of the tools a Gemini 400 points into."""
-    declarations = rejected_declarations(error, request.body)
+    declarations = _rejected_declarations(error, request.body)
     if not declarations:
         return error
     names = ", ".join(
@@ -3573,7 +3574,7 @@ def name_rejected_tools(error: UpstreamError, request: GeminiRequest) -> Upstrea
                          key_invalid=error.key_invalid)
 
 
-def not_found_message(model: str, closest: list) -> str:
+def _not_found_message(model: str, closest: list) -> str:
     """Return the 404 message for a model Gemini does not serve, with the closest it does."""
     message = f"model: Gemini does not serve {model} (retired, renamed or misspelt)"
     if closest:
@@ -3711,7 +3712,7 @@ def _fix_functions_only(body: dict, _arg) -> bool:
 
 
 def _fix_prefill_as_user(body: dict, _arg) -> bool:
-    return prefill_as_user(body.get("contents") or [])
+    return _prefill_as_user(body.get("contents") or [])
 
 
 FIXES = {"prefill_as_user": _fix_prefill_as_user, "drop": _fix_drop, "level": _fix_level,
@@ -3721,12 +3722,12 @@ FIXES = {"prefill_as_user": _fix_prefill_as_user, "drop": _fix_drop, "level": _f
          "media_beside": _fix_media_beside, "functions_only": _fix_functions_only}
 
 
-def apply_fix(body: dict, fix: tuple) -> bool:
+def _apply_fix(body: dict, fix: tuple) -> bool:
     """Apply a learnt fix (kind, argument) to a Gemini body; return True if it changed it."""
     return FIXES[fix[0]](body, fix[1])
 
 
-def fix_for(message: str, field: str, body: dict) -> tuple | None:
+def _fix_for(message: str, field: str, body: dict) -> tuple | None:
     """Return the fix for a Gemini 400 `message` that names `field`, or None."""
     if field in ("temperature", "topP", "topK", "includeThoughts"):
         return ("drop", field)
@@ -3764,15 +3765,15 @@ def _nearest_level(level: str, message: str) -> str:
     return THINKING_LEVELS[order + 1 if order < 2 else min(order, len(THINKING_LEVELS)) - 1]
 
 
-def schema_hash(schema) -> str:
+def _schema_hash(schema) -> str:
     return hashlib.sha256(json.dumps(schema, sort_keys=True).encode()).hexdigest()
 
 
-class SelfHealing:
+class _SelfHealing:
     """What this process learnt about Gemini: fields each model refuses, tool schemas Gemini
     refuses, which model serves a name; applied to every request, retried once per lesson."""
 
-    def __init__(self, config: Config, signatures: SignatureStore, catalog: ModelCatalog):
+    def __init__(self, config: Config, signatures: SignatureStore, catalog: _ModelCatalog):
         self.config = config
         self.signatures = signatures
         self.catalog = catalog
@@ -3793,10 +3794,10 @@ class SelfHealing:
         request = to_gemini_request(body, self.config, self.signatures, model=model,
                                     rules_model=served, model_info=info)
         for fix in self.fixes.get(request.model, ()):
-            apply_fix(request.body, fix)
+            _apply_fix(request.body, fix)
         if self.repaired and self.config.tool_schema_repair:
             repaired = self.repaired
-            self._repair(request, lambda d: schema_hash(d["parametersJsonSchema"]) in repaired)
+            self._repair(request, lambda d: _schema_hash(d["parametersJsonSchema"]) in repaired)
         return request
 
     def open(self, upstream: UpstreamClient, request: GeminiRequest, body: dict, live: bool,
@@ -3839,8 +3840,8 @@ class SelfHealing:
                 request, error, lessons)
         for pattern, field in HEALABLE_FIELDS:
             if pattern.search(error.message):
-                fix = fix_for(error.message, field, request.body)
-                if fix and apply_fix(request.body, fix):
+                fix = _fix_for(error.message, field, request.body)
+                if fix and _apply_fix(request.body, fix):
                     lessons.append((request.model, fix, error))
                     request.edited()
                     return True
@@ -3848,9 +3849,9 @@ class SelfHealing:
 
     def _repair_rejected(self, request: GeminiRequest, error: UpstreamError,
                          lessons: list) -> bool:
-        rejected = [d for d in rejected_declarations(error, request.body)
+        rejected = [d for d in _rejected_declarations(error, request.body)
                     if "parametersJsonSchema" in d]
-        hashes = frozenset(schema_hash(d["parametersJsonSchema"]) for d in rejected)
+        hashes = frozenset(_schema_hash(d["parametersJsonSchema"]) for d in rejected)
         names = self._repair(request, lambda d: any(d is r for r in rejected))
         if names:
             lessons.append(("", ("schemas", (hashes, ", ".join(names))), error))
@@ -3863,7 +3864,7 @@ class SelfHealing:
             declarations = tool.get("functionDeclarations") or []
             for i, declaration in enumerate(declarations):
                 if "parametersJsonSchema" in declaration and wanted(declaration):
-                    declarations[i] = repaired_declaration(declaration)
+                    declarations[i] = _repaired_declaration(declaration)
                     names.append(request.tool_names.get(declaration["name"], declaration["name"]))
         if names:
             request.edited()
@@ -3897,9 +3898,9 @@ class SelfHealing:
         if error.upstream_status == 404 and "model" in error.message.lower():
             closest = [m for m in self.catalog.closest(request.model) if m != request.model]
             return UpstreamError(error.status, error.error_type,
-                                 not_found_message(request.model, closest), error.headers,
+                                 _not_found_message(request.model, closest), error.headers,
                                  upstream_status=404)
-        return name_rejected_tools(error, request)
+        return _name_rejected_tools(error, request)
 
     def note_served(self, model: str, version: str) -> None:
         """Remember that Gemini answers `model` with `version`: its rules apply from now on."""
@@ -3993,16 +3994,16 @@ def _iter_reader(pieces):
     return read
 
 
-def multipart_boundary(content_type: str) -> bytes:
+def _multipart_boundary(content_type: str) -> bytes:
     """Return the boundary of a multipart/form-data Content-Type; 400 for anything else."""
     message = email.parser.HeaderParser().parsestr(f"Content-Type: {content_type}\n\n")
     boundary = message.get_param("boundary")
     if message.get_content_type() != "multipart/form-data" or not boundary:
-        raise bad_request("content-type: send the file as multipart/form-data with a boundary")
+        raise _bad_request("content-type: send the file as multipart/form-data with a boundary")
     return str(boundary).encode("latin-1")
 
 
-class MultipartReader:
+class _MultipartReader:
     """Reads multipart/form-data parts from read(n) as streams, holding about 1 MiB."""
 
     def __init__(self, read, boundary: bytes):
@@ -4024,7 +4025,7 @@ class MultipartReader:
         at = self.buffer.find(self.delimiter)
         if at < 0:
             if self.eof:
-                raise bad_request("file: the multipart body ended before its closing boundary")
+                raise _bad_request("file: the multipart body ended before its closing boundary")
             at = len(self.buffer) - len(self.delimiter) + 1
         data = bytes(self.buffer[:min(size, at)])
         del self.buffer[:len(data)]
@@ -4042,7 +4043,7 @@ class MultipartReader:
             return None
         end = self.buffer.find(b"\r\n\r\n")
         if end < 0:
-            raise bad_request("file: a multipart part's headers do not end (or pass 16 KiB)")
+            raise _bad_request("file: a multipart part's headers do not end (or pass 16 KiB)")
         headers = bytes(self.buffer[:end]).lstrip(b" \t").lstrip(b"\r\n")
         del self.buffer[:end + 4]
         return email.parser.BytesHeaderParser().parsebytes(headers)
@@ -4063,14 +4064,14 @@ def _limited(read, limit: int):
     return read_limited
 
 
-def file_object(key: bytes, gemini_file: dict) -> dict:
+def _file_object(key: bytes, gemini_file: dict) -> dict:
     """Return the Anthropic FileMetadata for a Gemini File; its id carries name, type, expiry."""
     name = str(gemini_file.get("name") or "")
     mime_type = str(gemini_file.get("mimeType") or "application/octet-stream")
     created = _epoch_of(gemini_file.get("createTime"))
     expires = _epoch_of(gemini_file.get("expirationTime")) or created + GEMINI_FILE_SECONDS
     fields = [name, mime_type, str(expires), str(gemini_file.get("uri") or "")]
-    return {"id": FILE_PREFIX + encode_names(key, KIND_FILE, fields), "type": "file",
+    return {"id": FILE_PREFIX + _encode_names(key, KIND_FILE, fields), "type": "file",
             "filename": str(gemini_file.get("displayName") or name.rpartition("/")[2]),
             "mime_type": mime_type, "size_bytes": int(gemini_file.get("sizeBytes") or 0),
             "created_at": _rfc3339_of(created), "expires_at": _rfc3339_of(expires),
@@ -4114,32 +4115,32 @@ def _keyed_request(key, model: str) -> tuple:
                                     thinking, server_tools)
 
 
-def plan_batch(body, config: Config, signatures: SignatureStore) -> dict:
+def _plan_batch(body, config: Config, signatures: SignatureStore) -> dict:
     """Return {Gemini model: [(metadata key, Gemini body), ...]}; 400 naming a bad request."""
     requests = body.get("requests") if isinstance(body, dict) else None
     if not isinstance(requests, list) or not requests:
-        raise bad_request("requests: must be a non-empty array")
+        raise _bad_request("requests: must be a non-empty array")
     if len(requests) > MAX_BATCH_REQUESTS:
-        raise bad_request(f"requests: at most {MAX_BATCH_REQUESTS} per batch, "
+        raise _bad_request(f"requests: at most {MAX_BATCH_REQUESTS} per batch, "
                           f"this one has {len(requests)}")
     by_model, seen = {}, set()
     for i, item in enumerate(requests):
         custom_id = item.get("custom_id") if isinstance(item, dict) else None
         if not isinstance(custom_id, str) or not CUSTOM_ID_RE.match(custom_id):
-            raise bad_request(f"requests.{i}.custom_id: must be 1-64 letters, digits, _ or -")
+            raise _bad_request(f"requests.{i}.custom_id: must be 1-64 letters, digits, _ or -")
         if custom_id in seen:
-            raise bad_request(f"requests.{i}.custom_id: {custom_id!r} is used twice")
+            raise _bad_request(f"requests.{i}.custom_id: {custom_id!r} is used twice")
         seen.add(custom_id)
         where = f"requests.{i} (custom_id {custom_id!r}): params"
         params = item.get("params")
         if not isinstance(params, dict):
-            raise bad_request(f"{where}: must be an object")
+            raise _bad_request(f"{where}: must be an object")
         if params.get("stream"):
-            raise bad_request(f"{where}.stream: batch requests cannot stream")
+            raise _bad_request(f"{where}.stream: batch requests cannot stream")
         try:
             request = to_gemini_request(params, config, signatures)
         except ProxyError as error:
-            raise bad_request(f"{where}.{error.message}")
+            raise _bad_request(f"{where}.{error.message}")
         by_model.setdefault(request.model, []).append((_request_key(custom_id, request),
                                                        request.body))
     return by_model
@@ -4163,9 +4164,9 @@ def _batch_counts(metas: list, ended: bool) -> dict:
     return counts
 
 
-def message_batch(key: bytes, operations: list, base_url: str) -> dict:
+def _message_batch(key: bytes, operations: list, base_url: str) -> dict:
     """Return the Anthropic MessageBatch for the Gemini batch operations behind one id."""
-    batch_id = BATCH_PREFIX + encode_names(key, KIND_BATCH, [op["name"] for op in operations])
+    batch_id = BATCH_PREFIX + _encode_names(key, KIND_BATCH, [op["name"] for op in operations])
     metas = [op.get("metadata") or {} for op in operations]
     statuses = {BATCH_STATES.get(meta.get("state"), "in_progress") for meta in metas}
     status = "ended" if statuses == {"ended"} else (
@@ -4197,11 +4198,11 @@ def _errored(status: int, error) -> dict:
     error = error if isinstance(error, dict) else {"message": str(error)}
     code = error.get("code") if isinstance(error.get("code"), int) else status
     payload = json.dumps({"error": error}).encode()
-    failure = upstream_error(code if code >= 400 else status, payload)
+    failure = _upstream_error(code if code >= 400 else status, payload)
     return {"type": "errored", "error": failure.body()}
 
 
-class BatchService:
+class _BatchService:
     """Message Batches and Files on Gemini's Batch and Files APIs; keeps no state itself."""
 
     def __init__(self, upstream: UpstreamClient, config: Config, signatures: SignatureStore):
@@ -4214,7 +4215,7 @@ class BatchService:
 
     def create(self, body, base_url: str) -> dict:
         """Submit one Gemini batch per model; return the MessageBatch naming them all."""
-        by_model = plan_batch(body, self.config, self.signatures)
+        by_model = _plan_batch(body, self.config, self.signatures)
         group, operations = secrets.token_hex(6), []
         try:
             for index, (model, requests) in enumerate(by_model.items()):
@@ -4224,7 +4225,7 @@ class BatchService:
             for operation in operations:  # no half batches: the client sees one error
                 self._discard(operation["name"])
             raise
-        return message_batch(self.key, operations, base_url)
+        return _message_batch(self.key, operations, base_url)
 
     def _submit(self, model: str, requests: list, display: str) -> dict:
         inline = [{"request": body, "metadata": {"key": key}} for key, body in requests]
@@ -4236,7 +4237,7 @@ class BatchService:
             jsonl = self.upstream.upload(display, "application/jsonl", _iter_reader(lines))
             batch["inputConfig"] = {"fileName": jsonl["name"]}
             payload = json.dumps({"batch": batch}).encode()
-        operation = self.upstream.call_json("POST", model_path(model, "batchGenerateContent"),
+        operation = self.upstream.call_json("POST", _model_path(model, "batchGenerateContent"),
                                             payload)
         stats = operation.setdefault("metadata", {}).setdefault("batchStats", {})
         stats.setdefault("requestCount", str(len(requests)))  # a new batch may not count yet
@@ -4251,14 +4252,14 @@ class BatchService:
 
     def _operations(self, batch_id: str) -> list:
         token = batch_id[len(BATCH_PREFIX):] if batch_id.startswith(BATCH_PREFIX) else ""
-        names = decode_names(self.key, KIND_BATCH, token) if token else None
+        names = _decode_names(self.key, KIND_BATCH, token) if token else None
         if not names or not all(BATCH_NAME_RE.match(name) for name in names):
             raise ProxyError(404, "not_found_error", f"message batch {batch_id!r} was not found",
                              {"x-should-retry": "false"})
         return [self.upstream.call_json("GET", "/" + name) for name in names]
 
     def get(self, batch_id: str, base_url: str) -> dict:
-        return message_batch(self.key, self._operations(batch_id), base_url)
+        return _message_batch(self.key, self._operations(batch_id), base_url)
 
     def list(self, query: dict, base_url: str) -> dict:
         """Return a page of this key's batches (display names it signed), newest first."""
@@ -4279,9 +4280,9 @@ class BatchService:
             count = next(iter(members.values()))[0]
             if sorted(members) == list(range(count)):  # every model's part is still there
                 operations = [members[i][1] for i in range(count)]
-                batches.append(message_batch(self.key, operations, base_url))
+                batches.append(_message_batch(self.key, operations, base_url))
         batches.sort(key=lambda batch: batch["created_at"], reverse=True)
-        return page_by_id(batches, query)
+        return _page_by_id(batches, query)
 
     def cancel(self, batch_id: str, base_url: str) -> dict:
         operations = []
@@ -4291,7 +4292,7 @@ class BatchService:
                 self.upstream.call_json("POST", f"/{operation['name']}:cancel", b"{}")
                 operation = self.upstream.call_json("GET", f"/{operation['name']}")
             operations.append(operation)
-        batch = message_batch(self.key, operations, base_url)
+        batch = _message_batch(self.key, operations, base_url)
         if batch["processing_status"] == "in_progress":  # Gemini cancels asynchronously
             batch["processing_status"] = "canceling"
             batch["cancel_initiated_at"] = _rfc3339_of(int(time.time()))
@@ -4299,8 +4300,8 @@ class BatchService:
 
     def delete(self, batch_id: str) -> dict:
         operations = self._operations(batch_id)
-        if message_batch(self.key, operations, "")["processing_status"] != "ended":
-            raise bad_request(f"message batch {batch_id} is still processing: cancel it and "
+        if _message_batch(self.key, operations, "")["processing_status"] != "ended":
+            raise _bad_request(f"message batch {batch_id} is still processing: cancel it and "
                               "delete it once processing_status is ended")
         for operation in operations:
             self.upstream.call_json("DELETE", "/" + operation["name"])
@@ -4309,8 +4310,8 @@ class BatchService:
     def results(self, batch_id: str):
         """Return an iterator of an ended batch's JSONL result lines; 400 before it ended."""
         operations = self._operations(batch_id)
-        if message_batch(self.key, operations, "")["processing_status"] != "ended":
-            raise bad_request(f"message batch {batch_id} has not ended: results are ready "
+        if _message_batch(self.key, operations, "")["processing_status"] != "ended":
+            raise _bad_request(f"message batch {batch_id} has not ended: results are ready "
                               "once processing_status is ended")
         return itertools.chain.from_iterable(self._result_lines(op) for op in operations)
 
@@ -4361,14 +4362,14 @@ class BatchService:
 
     # -- files ------------------------------------------------------------------
 
-    def upload_file(self, parts: MultipartReader) -> dict:
+    def upload_file(self, parts: _MultipartReader) -> dict:
         """Stream the multipart field `file` to Gemini; return its FileMetadata."""
         headers = parts.next_part()
         while headers is not None and headers.get_param(
                 "name", header="content-disposition") != "file":
             headers = parts.next_part()
         if headers is None:
-            raise bad_request("file: field required (a multipart/form-data part named file)")
+            raise _bad_request("file: field required (a multipart/form-data part named file)")
         filename = (headers.get_filename() or "").replace("\\", "/").rpartition("/")[2]
         mime_type = headers.get_content_type() if headers.get("content-type") else (
             mimetypes.guess_type(filename)[0] or "application/octet-stream")
@@ -4376,11 +4377,11 @@ class BatchService:
                                            _limited(parts.read, MAX_FILE_BYTES))
         while parts.next_part() is not None:
             pass
-        return file_object(self.key, gemini_file)
+        return _file_object(self.key, gemini_file)
 
     def _file_name(self, file_id: str) -> str:
         token = file_id[len(FILE_PREFIX):] if file_id.startswith(FILE_PREFIX) else ""
-        fields = decode_names(self.key, KIND_FILE, token) if token else None
+        fields = _decode_names(self.key, KIND_FILE, token) if token else None
         if not fields or len(fields) != 4 or not FILE_NAME_RE.match(fields[0]):
             raise ProxyError(404, "not_found_error", f"file {file_id!r} was not found",
                              {"x-should-retry": "false"})
@@ -4396,7 +4397,7 @@ class BatchService:
                              "or past Gemini's 48 hours)", {"x-should-retry": "false"})
 
     def get_file(self, file_id: str) -> dict:
-        return file_object(self.key, self._file_call("GET", file_id))
+        return _file_object(self.key, self._file_call("GET", file_id))
 
     def delete_file(self, file_id: str) -> dict:
         self._file_call("DELETE", file_id)
@@ -4409,12 +4410,12 @@ class BatchService:
 
     def list_files(self, query: dict) -> dict:
         """Return one page of Gemini's files (not the batch files the proxy made itself)."""
-        path = f"/files?pageSize={min(page_limit(query), 100)}"  # Gemini's largest page
+        path = f"/files?pageSize={min(_page_limit(query), 100)}"  # Gemini's largest page
         page_token = query.get("page", [""])[0]
         if page_token.startswith("page_"):
             path += "&pageToken=" + urllib.parse.quote(page_token[5:])
         page = self.upstream.call_json("GET", path)
-        data = [file_object(self.key, f) for f in page.get("files") or () if isinstance(f, dict)
+        data = [_file_object(self.key, f) for f in page.get("files") or () if isinstance(f, dict)
                 and not str(f.get("displayName") or "").startswith(DISPLAY_PREFIX)
                 and f.get("source") != "GENERATED"]
         token = page.get("nextPageToken") or ""
@@ -4425,11 +4426,11 @@ class BatchService:
 
 
 # == HTTP handler =============================================================
-# run_fold() drives one answer for either mode; ProxyHandler routes and answers, turning any
-# exception into a response in one place; SSEStream writes one client stream; StreamWatch
+# _run_fold() drives one answer for either mode; ProxyHandler routes and answers, turning any
+# exception into a response in one place; _SSEStream writes one client stream; _StreamWatch
 # pings idle streams and notices clients that left.
 
-PING_FRAME = sse_frame("ping", {"type": "ping"})
+PING_FRAME = _sse_frame("ping", {"type": "ping"})
 
 # Framing, as nginx and h11 read it: one request is exactly its bytes, never more or fewer.
 REQUEST_LINE_LIMIT = 65536
@@ -4445,7 +4446,7 @@ CHUNK_SIZE_RE = re.compile(rb"([0-9A-Fa-f]{1,15})(?:;[^\r\n]*)?\r?\n")
 CONTINUE_LINE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-class FramingError(Exception):
+class _FramingError(Exception):
     """The request's framing is broken or ambiguous: answer `status` and close."""
 
     def __init__(self, status: int, message: str):
@@ -4453,7 +4454,7 @@ class FramingError(Exception):
         self.status = status
 
 
-class ClientIO(socket.SocketIO):
+class _ClientIO(socket.SocketIO):
     """The client socket: every read ends by `deadline`, every write within `write_timeout`."""
 
     def __init__(self, sock: socket.socket, write_timeout: float):
@@ -4474,14 +4475,14 @@ class ClientIO(socket.SocketIO):
         return len(data)
 
 
-def read_header_lines(rfile) -> list:
-    """Return [(name, value)] of a header block as bytes; FramingError past the limits."""
+def _read_header_lines(rfile) -> list:
+    """Return [(name, value)] of a header block as bytes; _FramingError past the limits."""
     lines, budget = [], HEADER_LIMIT_BYTES
     while True:
         line = rfile.readline(budget + 1)
         budget -= len(line)
         if budget < 0 or len(lines) >= HEADER_LIMIT_LINES and line not in (b"\r\n", b"\n"):
-            raise FramingError(431, f"request headers: more than {HEADER_LIMIT_LINES} lines "
+            raise _FramingError(431, f"request headers: more than {HEADER_LIMIT_LINES} lines "
                                     f"or {HEADER_LIMIT_BYTES} bytes")
         if not line.endswith(b"\n"):
             raise ConnectionError("client left inside the headers")
@@ -4490,25 +4491,25 @@ def read_header_lines(rfile) -> list:
             return lines
         name, colon, value = line.partition(b":")
         if not colon or not HEADER_NAME_RE.fullmatch(name) or b"\r" in value or b"\0" in value:
-            raise FramingError(400, "malformed header line")  # also " Name:" folds, "Name :"
+            raise _FramingError(400, "malformed header line")  # also " Name:" folds, "Name :"
         lines.append((name, value))
 
 
-def body_framing(lines: list, version: str) -> tuple:
-    """Return (Content-Length or None, chunked) for header lines; FramingError if ambiguous."""
+def _body_framing(lines: list, version: str) -> tuple:
+    """Return (Content-Length or None, chunked) for header lines; _FramingError if ambiguous."""
     lengths, codings = set(), []
     for name, value in lines:
         lowered = name.lower()
         if lowered == b"content-length":
             if not CONTENT_LENGTH_RE.fullmatch(value):
-                raise FramingError(400, "Content-Length: must be one number of ASCII digits")
+                raise _FramingError(400, "Content-Length: must be one number of ASCII digits")
             lengths.add(int(value))
         elif lowered == b"transfer-encoding":
             codings.append(value.strip(b" \t").lower())
     if len(lengths) > 1:
-        raise FramingError(400, "Content-Length: the request has two different values")
+        raise _FramingError(400, "Content-Length: the request has two different values")
     if codings and (lengths or codings != [b"chunked"] or version == "HTTP/1.0"):
-        raise FramingError(400, "Transfer-Encoding: only chunked, without Content-Length")
+        raise _FramingError(400, "Transfer-Encoding: only chunked, without Content-Length")
     if codings:
         return None, True
     return (lengths.pop() if lengths else None), False
@@ -4519,7 +4520,7 @@ def body_framing(lines: list, version: str) -> tuple:
 JSON_VALUE_BYTES = 96
 
 
-class InflightBytes:
+class _InflightBytes:
     """Request bytes held at once (MAX_INFLIGHT_BYTES): a body waits briefly for room, then 529."""
 
     def __init__(self, limit: int, wait: float):
@@ -4550,12 +4551,12 @@ class InflightBytes:
                 self._room.notify_all()
 
 
-class RequestBody:
+class _RequestBody:
     """A request body exactly as framed (Content-Length or chunked), read once, in pieces.
 
     pieces() is for routes that stream a body on (uploads); read() holds it whole."""
 
-    def __init__(self, rfile, client: ClientIO, length: int | None, chunked: bool,
+    def __init__(self, rfile, client: _ClientIO, length: int | None, chunked: bool,
                  allowance: float, send_continue=None):
         self.rfile = rfile
         self.client = client
@@ -4591,12 +4592,12 @@ class RequestBody:
             self.broken = True
             raise ProxyError(408, "timeout_error", "the request body did not arrive in time "
                              "(HEADER_TIMEOUT plus 1 s per 64 KiB)") from None
-        except FramingError as error:
+        except _FramingError as error:
             self.broken = True
             raise ProxyError(error.status, "invalid_request_error", str(error)) from None
-        except (OSError, ClientGone):  # reset, or closed mid-body: the client left
+        except (OSError, _ClientGone):  # reset, or closed mid-body: the client left
             self.broken = True
-            raise ClientGone() from None
+            raise _ClientGone() from None
 
     def read(self, limit: int) -> bytes:
         """Return the whole body (413 past `limit`)."""
@@ -4615,7 +4616,7 @@ class RequestBody:
         try:
             while not self.done and byte_budget > 0:
                 byte_budget -= len(self._piece(BODY_PIECE, per_byte=False))
-        except (OSError, FramingError, ProxyError, ClientGone):
+        except (OSError, _FramingError, ProxyError, _ClientGone):
             return False
         return self.done
 
@@ -4637,7 +4638,7 @@ class RequestBody:
     def _read_exact(self, size: int) -> bytes:
         piece = self.rfile.read(min(size, self.length - self.received))
         if not piece:
-            raise ClientGone()
+            raise _ClientGone()
         if self.received + len(piece) == self.length:
             self.done = True
         return piece
@@ -4646,18 +4647,18 @@ class RequestBody:
         if not self.chunk_left:
             match = CHUNK_SIZE_RE.fullmatch(self.rfile.readline(1024))
             if not match:
-                raise FramingError(400, "Transfer-Encoding: malformed chunk size line")
+                raise _FramingError(400, "Transfer-Encoding: malformed chunk size line")
             self.chunk_left = int(match.group(1), 16)
             if not self.chunk_left:
-                read_header_lines(self.rfile)  # the trailer section, ignored
+                _read_header_lines(self.rfile)  # the trailer section, ignored
                 self.done = True
                 return b""
         piece = self.rfile.read(min(size, self.chunk_left))
         if not piece:
-            raise ClientGone()
+            raise _ClientGone()
         self.chunk_left -= len(piece)
         if not self.chunk_left and self.rfile.read(2) not in (b"\r\n",):
-            raise FramingError(400, "Transfer-Encoding: a chunk does not end with CRLF")
+            raise _FramingError(400, "Transfer-Encoding: a chunk does not end with CRLF")
         return piece
 
 
@@ -4674,12 +4675,12 @@ class Cancel:
         self._lock = threading.Lock()
 
     def connecting(self, conn) -> None:
-        """Note the connection a request goes out on; raise ClientGone once cancelled."""
+        """Note the connection a request goes out on; raise _ClientGone once cancelled."""
         with self._lock:
             self.conn = conn
             cancelled = self.cancelled
         if cancelled:
-            raise ClientGone()
+            raise _ClientGone()
 
     def attach(self, answer: UpstreamAnswer) -> None:
         with self._lock:
@@ -4687,7 +4688,7 @@ class Cancel:
             cancelled = self.cancelled
         if cancelled:
             answer.abort()
-            raise ClientGone()
+            raise _ClientGone()
 
     def __call__(self) -> None:
         with self._lock:
@@ -4702,12 +4703,12 @@ class Cancel:
                 pass
 
 
-def run_fold(open_answer, fold: ResponseFold, send, live: bool, cancel: Cancel) -> None:
+def _run_fold(open_answer, fold: ResponseFold, send, live: bool, cancel: Cancel) -> None:
     """Feed Gemini's answer into the fold, handing each chunk's events to send() as they
     come; an empty or malformed answer is asked for once more while nothing was sent.
 
     open_answer(request, reason) returns (Gemini's answer, the request it answered:
-    SelfHealing may have changed it or sent it to a fallback model)."""
+    _SelfHealing may have changed it or sent it to a fallback model)."""
     for attempt in (0, 1):
         reason = "first" if not attempt else (
             "retry_malformed" if fold.finish_reason in RETRY_FINISH_REASONS else "retry_empty")
@@ -4716,7 +4717,7 @@ def run_fold(open_answer, fold: ResponseFold, send, live: bool, cancel: Cancel) 
                       fold.finish_reason)
             fold.next_attempt()
         if cancel.cancelled:  # the client left: no call for it, retry or not
-            raise ClientGone()
+            raise _ClientGone()
         answer, fold.request = open_answer(fold.request, reason)
         cancel.attach(answer)
         try:
@@ -4735,7 +4736,7 @@ def _discard_events(events: list, end: bool = False) -> None:
     """The send() of a non-stream answer: its events are folded into fold.message()."""
 
 
-class SSEStream:
+class _SSEStream:
     """One client's SSE response: the head and message_start with the first write, then
     chunked frames, each batch in one write(); pingable from the watch thread."""
 
@@ -4745,7 +4746,7 @@ class SSEStream:
         self.head = head  # () -> the response head: made at the first write, once the model
         # that answers is known
         self.chunked = chunked  # False for HTTP/1.0 clients: the close ends the stream
-        self.preamble = b"".join(sse_frame(name, data) for name, data in preamble)
+        self.preamble = b"".join(_sse_frame(name, data) for name, data in preamble)
         self.started = False
         self.sent = 0  # event bytes written: where an error cut the stream
         self.finished = False
@@ -4755,10 +4756,10 @@ class SSEStream:
 
     def send(self, events: list, end: bool = False) -> None:
         """Write events (the head and message_start first, if not yet sent)."""
-        body = b"".join(sse_frame(name, data) for name, data in events)
+        body = b"".join(_sse_frame(name, data) for name, data in events)
         with self.lock:
             if self.gone:
-                raise ClientGone()
+                raise _ClientGone()
             self._write(body, end)
 
     def ping(self) -> None:
@@ -4796,7 +4797,7 @@ class SSEStream:
             self.write(out)
         except (OSError, ValueError):
             self.abort()
-            raise ClientGone() from None
+            raise _ClientGone() from None
         self.last_write = time.monotonic()
 
     def abort(self) -> None:
@@ -4810,7 +4811,7 @@ POLL_GONE = (select.POLLHUP | select.POLLERR | select.POLLNVAL) if hasattr(selec
 PEEK_FLAGS = socket.MSG_PEEK | getattr(socket, "MSG_DONTWAIT", 0)
 
 
-def socket_states(socks: list) -> tuple:
+def _socket_states(socks: list) -> tuple:
     """Return (readable, hung up, writable) sets of the sockets' descriptors, at once.
 
     poll() watches any descriptor; select() (the fallback where there is no poll) stops at
@@ -4843,7 +4844,7 @@ def _client_left(sock: socket.socket) -> bool:
         return True
 
 
-class StreamWatch:
+class _StreamWatch:
     """One thread for all streams: pings the idle ones and aborts those whose client left.
 
     It never blocks on a stream: a stream busy writing (its lock held) or whose client's
@@ -4851,12 +4852,12 @@ class StreamWatch:
 
     def __init__(self, interval: float):
         self.interval = interval
-        self.streams: dict = {}  # SSEStream -> the client's socket
+        self.streams: dict = {}  # _SSEStream -> the client's socket
         self.waiting: dict = {}  # Cancel of a non-stream request -> the client's socket
         self._lock = threading.Lock()
         self._thread = None
 
-    def add(self, sock: socket.socket, stream: SSEStream) -> None:
+    def add(self, sock: socket.socket, stream: _SSEStream) -> None:
         with self._lock:
             self.streams[stream] = sock
             self._start()
@@ -4872,7 +4873,7 @@ class StreamWatch:
             self._thread = threading.Thread(target=self._run, name="stream-watch", daemon=True)
             self._thread.start()
 
-    def remove(self, stream: SSEStream) -> None:
+    def remove(self, stream: _SSEStream) -> None:
         with self._lock:
             self.streams.pop(stream, None)
 
@@ -4894,7 +4895,7 @@ class StreamWatch:
     def check_waiting(self, waiting: list) -> None:
         """Cancel the upstream calls of the non-stream clients that left."""
         try:
-            readable, gone, _ = socket_states([sock for _, sock in waiting])
+            readable, gone, _ = _socket_states([sock for _, sock in waiting])
         except (OSError, ValueError):  # a socket closed meanwhile: next round
             return
         for cancel, sock in waiting:
@@ -4906,7 +4907,7 @@ class StreamWatch:
         """Abort the streams whose client left; ping the idle ones that can take it now."""
         streams = [(stream, sock) for stream, sock in streams if sock.fileno() >= 0]  # closing
         try:
-            readable, gone, writable = socket_states([sock for _, sock in streams])
+            readable, gone, writable = _socket_states([sock for _, sock in streams])
         except (OSError, ValueError):  # a socket closed meanwhile: next round
             return
         for stream, sock in streams:
@@ -4916,7 +4917,7 @@ class StreamWatch:
                     stream.abort()
                 elif fd in writable and now - stream.last_write >= self.interval:
                     stream.ping()
-            except ClientGone:
+            except _ClientGone:
                 pass
 
 
@@ -4927,7 +4928,7 @@ CALLER_HEADERS = (("x-claude-code-session-id", "session"), ("x-claude-code-agent
 LOG_WORD_RE = re.compile(r"[^A-Za-z0-9._:-]")
 
 
-class EscapeLogArguments(logging.Filter):
+class _EscapeLogArguments(logging.Filter):
     """Escape control and non-ASCII characters in a log line's arguments: a path, a model
     name or a Gemini message quoting the prompt can never start a forged line."""
 
@@ -4939,7 +4940,7 @@ class EscapeLogArguments(logging.Filter):
         return True
 
 
-LOG_ESCAPE = EscapeLogArguments()
+LOG_ESCAPE = _EscapeLogArguments()
 
 
 def _log_word(value: str) -> str:
@@ -4965,7 +4966,7 @@ ROUTES = {  # path, where {id} stands for any one segment -> {method: serve_<act
 }
 
 
-def match_route(path: str) -> tuple:
+def _match_route(path: str) -> tuple:
     """Return (route, {method: action}, the {id} segment) for a path; ("", None, "") if none."""
     methods = ROUTES.get(path)
     if methods is not None:
@@ -4991,7 +4992,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         config = self.server.config
         self.connection = self.request
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.client_io = ClientIO(self.connection, config.write_timeout)
+        self.client_io = _ClientIO(self.connection, config.write_timeout)
         self.client_io.deadline = time.monotonic() + config.header_timeout
         self.rfile = io.BufferedReader(self.client_io, BODY_PIECE)
         self.wfile = self.client_io
@@ -5016,7 +5017,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.command, self.path, self.body = "", "", None
         try:
             self.read_request_head()
-        except FramingError as error:
+        except _FramingError as error:
             self.linger = True
             self.send_error(error.status, str(error))
             return
@@ -5030,38 +5031,38 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def read_request_head(self) -> None:
-        """Set command, path, headers and body from the request; FramingError if malformed."""
+        """Set command, path, headers and body from the request; _FramingError if malformed."""
         line = self.rfile.readline(REQUEST_LINE_LIMIT + 1)
         if not line.endswith(b"\n"):
             if len(line) > REQUEST_LINE_LIMIT:
-                raise FramingError(414, "the request line is too long")
+                raise _FramingError(414, "the request line is too long")
             raise ConnectionError("client left")
         self.requestline = line.rstrip(b"\r\n").decode("latin-1")
         words = self.requestline.split()
         if len(words) == 2:
-            raise FramingError(400, "HTTP/0.9 requests are not served")
+            raise _FramingError(400, "HTTP/0.9 requests are not served")
         if len(words) != 3:
-            raise FramingError(400, "malformed request line")
+            raise _FramingError(400, "malformed request line")
         self.command, self.path, version = words
         if version not in ("HTTP/1.1", "HTTP/1.0"):
-            raise FramingError(505 if version[:6] in ("HTTP/2", "HTTP/3") else 400,
+            raise _FramingError(505 if version[:6] in ("HTTP/2", "HTTP/3") else 400,
                                f"{version[:20]!r} is not served: speak HTTP/1.1")
         self.request_version = version
-        lines = read_header_lines(self.rfile)
-        length, chunked = body_framing(lines, version)
+        lines = _read_header_lines(self.rfile)
+        length, chunked = _body_framing(lines, version)
         headers = http.client.HTTPMessage()
         for name, value in lines:
             headers[name.decode("latin-1")] = value.strip(b" \t").decode("latin-1")
         self.headers = headers
         if version == "HTTP/1.1" and len(headers.get_all("host") or ()) != 1:
-            raise FramingError(400, "Host: an HTTP/1.1 request needs exactly one")
+            raise _FramingError(400, "Host: an HTTP/1.1 request needs exactly one")
         self.close_connection = (
             version == "HTTP/1.0" or "close" in (headers.get("connection") or "").lower()
         )
         if self.command not in HTTP_METHODS:
-            raise FramingError(501, f"method {self.command[:20]!r} is not served")
+            raise _FramingError(501, f"method {self.command[:20]!r} is not served")
         expects = (headers.get("expect") or "").lower() == "100-continue"
-        self.body = RequestBody(self.rfile, self.client_io, length, chunked,
+        self.body = _RequestBody(self.rfile, self.client_io, length, chunked,
                                 self.server.config.header_timeout,
                                 self._send_continue if expects and version == "HTTP/1.1" else None)
 
@@ -5111,7 +5112,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
     def answer_error(self, exc: Exception) -> None:
         """Answer an exception: the JSON error while nothing was sent, else an SSE error
         event, the terminating chunk and a closed connection; never a second status line."""
-        if isinstance(exc, ClientGone):
+        if isinstance(exc, _ClientGone):
             self.close_connection = True
             self.status = 499  # client closed the connection
             log.debug("answering 499: the client closed the connection")
@@ -5132,13 +5133,13 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.status = exc.status
         try:
             self.stream.send([("error", body)], end=True)
-        except ClientGone:
+        except _ClientGone:
             self.status = 499
 
     def route(self, method: str) -> None:
         parts = urllib.parse.urlsplit(self.path)
         path = parts.path
-        self.route_name, methods, self.path_id = match_route(path)
+        self.route_name, methods, self.path_id = _match_route(path)
         if methods is None:
             raise ProxyError(404, "not_found_error", f"no route for {path}")
         action = methods.get("GET" if method == "HEAD" else method)  # HEAD follows GET's rules
@@ -5204,7 +5205,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.send_bytes(200, server.metrics.render(gauges).encode(), "text/plain; version=0.0.4")
 
     def serve_list_models(self, path: str, query: dict) -> None:
-        self.send_json(200, page_models(self.server.models.models(), query))
+        self.send_json(200, _page_models(self.server.models.models(), query))
 
     def serve_get_model(self, path: str, query: dict) -> None:
         model_id = urllib.parse.unquote(path[len("/v1/models/"):])
@@ -5224,7 +5225,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         headers = {"x-gemini-model": request.model}
         try:
             answer = self.server.upstream.call_json(
-                "POST", model_path(request.model, "countTokens"), {"generateContentRequest": inner}
+                "POST", _model_path(request.model, "countTokens"),
+                {"generateContentRequest": inner}
             )
             tokens = int(answer.get("totalTokens") or 0)
         except ProxyError as error:
@@ -5258,11 +5260,11 @@ class ProxyHandler(BaseHTTPRequestHandler):
             self.answer_whole(fold, open_answer, live, cancel)
             return
         else:
-            self.stream = SSEStream(self.wfile.write, cancel, lambda: self.stream_head(fold),
+            self.stream = _SSEStream(self.wfile.write, cancel, lambda: self.stream_head(fold),
                                     fold.start(), self.request_version != "HTTP/1.0")
             server.watch.add(self.connection, self.stream)
             try:
-                run_fold(open_answer, fold, self.stream.send, live, cancel)
+                _run_fold(open_answer, fold, self.stream.send, live, cancel)
                 self.stream.send(fold.finish(), end=True)
             finally:
                 server.watch.remove(self.stream)
@@ -5275,7 +5277,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         server = self.server
         server.watch.add_waiting(self.connection, cancel)
         try:
-            run_fold(open_answer, fold, _discard_events, live, cancel)
+            _run_fold(open_answer, fold, _discard_events, live, cancel)
         finally:
             server.watch.remove_waiting(cancel)
         fold.finish()
@@ -5314,10 +5316,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.send_lines(self.server.batches.results(self.path_id))
 
     def serve_upload_file(self, path: str, query: dict) -> None:
-        boundary = multipart_boundary(self.headers.get("content-type") or "")
+        boundary = _multipart_boundary(self.headers.get("content-type") or "")
         read = self.body_stream(MAX_FILE_BYTES + MULTIPART_OVERHEAD)
         try:
-            metadata = self.server.batches.upload_file(MultipartReader(read, boundary))
+            metadata = self.server.batches.upload_file(_MultipartReader(read, boundary))
         except ProxyError:
             self.close_connection = True  # the rest of the body was not read
             raise
@@ -5348,7 +5350,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         """Return the parsed JSON body; raise ProxyError for a missing, huge or broken one."""
         data = self.read_body(limit)
         self.hold(JSON_VALUE_BYTES * data.count(b","))  # what the parsed values will take
-        return decode_json_body(data)
+        return _decode_json_body(data)
 
     def body_stream(self, limit: int):
         """Return read(n) over the request body for routes that stream it on: each call gives
@@ -5404,7 +5406,7 @@ class ProxyHandler(BaseHTTPRequestHandler):
         for name, value in (headers or {}).items():
             value = str(value)
             if not (value.isascii() and value.isprintable()):  # a CR/LF would start a header
-                raise bad_request(f"{name}: {ascii(value)} cannot be sent as a header value")
+                raise _bad_request(f"{name}: {ascii(value)} cannot be sent as a header value")
             lines.append(f"{name}: {value}")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
@@ -5489,7 +5491,7 @@ ACCEPT_BACKOFF = 0.05  # seconds the accept loop rests while the process is out 
 ACCEPT_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
-def max_connections_for(fd_limit: int, pooled: int) -> int:
+def _max_connections_for(fd_limit: int, pooled: int) -> int:
     """Return the client connections a descriptor limit allows: each may hold an upstream one."""
     return max(1, (fd_limit - FD_RESERVE - pooled) // 2)
 
@@ -5526,16 +5528,16 @@ class ProxyServer(ThreadingHTTPServer):
         self.metrics = Metrics()
         self.upstream = UpstreamClient(config, self.metrics, sleep=sleep, now=now)
         self.signatures = SignatureStore(config.signature_key)
-        self.watch = StreamWatch(config.ping_interval)
-        self.models = ModelCatalog(self.upstream, config)
-        self.batches = BatchService(self.upstream, config, self.signatures)
-        self.inflight = InflightBytes(config.max_inflight_bytes, config.inflight_wait)
+        self.watch = _StreamWatch(config.ping_interval)
+        self.models = _ModelCatalog(self.upstream, config)
+        self.batches = _BatchService(self.upstream, config, self.signatures)
+        self.inflight = _InflightBytes(config.max_inflight_bytes, config.inflight_wait)
         log.addFilter(LOG_ESCAPE)  # once per process: addFilter ignores a filter it has
-        self.healing = SelfHealing(config, self.signatures, self.models)
+        self.healing = _SelfHealing(config, self.signatures, self.models)
         self.lock = threading.Lock()
         self.active_requests = 0
         self.draining = False
-        self.max_connections = config.max_connections or max_connections_for(
+        self.max_connections = config.max_connections or _max_connections_for(
             _fd_limit(), UpstreamClient.max_idle)
         self.connections = 0
         self.connections_refused = 0
@@ -5611,7 +5613,7 @@ def _read_dotenv(path: str | None) -> str:
         return ""
 
 
-def serve_until_signal(server: ProxyServer) -> None:
+def _serve_until_signal(server: ProxyServer) -> None:
     """Serve; on SIGTERM/SIGINT stop accepting and let in-flight work finish.
 
     A second signal exits at once."""
@@ -5630,7 +5632,7 @@ def serve_until_signal(server: ProxyServer) -> None:
     host, port = server.server_address[:2]
     log.info("listening on http://%s:%d, upstream %s, default model %s; Claude Code: %s",
              host, port, server.config.api_base, server.config.default_model,
-             claude_code_command(Config(**dict(vars(server.config), port=port))))
+             _claude_code_command(Config(**dict(vars(server.config), port=port))))
     server.serve_forever(poll_interval=0.25)
     server.socket.close()
     deadline = time.monotonic() + server.config.shutdown_grace
@@ -5648,7 +5650,7 @@ CLAUDE_CODE_TIERS = (("OPUS", "claude-opus-4-8"), ("SONNET", "claude-sonnet-5"),
                      ("HAIKU", "claude-haiku-4-5"), ("FABLE", "claude-fable-5"))
 
 
-class SetupCheck:
+class _SetupCheck:
     """`--check`: one line per check (ok, or FAIL and what to do), then Claude Code's settings."""
 
     def __init__(self, config: Config, write):
@@ -5678,11 +5680,11 @@ class SetupCheck:
             config = Config(**dict(vars(self.config), api_keys=keys))  # the keys that work
             upstream = UpstreamClient(config, Metrics())
             try:
-                input_limit = self.check_models(upstream, ModelCatalog(upstream, config))
+                input_limit = self.check_models(upstream, _ModelCatalog(upstream, config))
                 self.check_count_tokens(upstream)
             finally:
                 upstream.close()
-        for text in claude_code_settings(self.config, input_limit):
+        for text in _claude_code_settings(self.config, input_limit):
             self.write(text)
         return 1 if self.failed else 0
 
@@ -5690,7 +5692,7 @@ class SetupCheck:
         if not self.config.auth_command:
             return True
         try:
-            TokenCommand(self.config.auth_command, self.config.auth_ttl).get()
+            _TokenCommand(self.config.auth_command, self.config.auth_ttl).get()
         except ProxyError as error:
             return self.line(False, error.message, "run the command by hand and fix it "
                              "(gcloud: `gcloud auth login`)")
@@ -5744,7 +5746,7 @@ class SetupCheck:
             upstream.close()
         return self.line(True, f"Gemini accepts {what}")
 
-    def check_models(self, upstream: UpstreamClient, catalog: ModelCatalog) -> int | None:
+    def check_models(self, upstream: UpstreamClient, catalog: _ModelCatalog) -> int | None:
         """Check each configured model generates; return the default model's input limit."""
         config = self.config
         roles = {config.default_model: "default model"}
@@ -5761,11 +5763,11 @@ class SetupCheck:
     def check_model(self, upstream, catalog, model: str, role: str) -> bool:
         body = {"contents": CHECK_PROMPT, "generationConfig": {"maxOutputTokens": 256}}
         try:
-            answer = upstream.call_json("POST", model_path(model, "generateContent"), body)
+            answer = upstream.call_json("POST", _model_path(model, "generateContent"), body)
         except UpstreamError as error:
             if error.upstream_status == 404:
                 return self.line(False, f"{role} {model} does not exist at Gemini",
-                                 not_found_message(model, catalog.closest(model)))
+                                 _not_found_message(model, catalog.closest(model)))
             return self.line(False, f"{role} {model} cannot generate: {error.message}",
                              "pick another model for it (DEFAULT_GEMINI_MODEL, MODEL_MAP)")
         except ProxyError as error:
@@ -5787,7 +5789,7 @@ class SetupCheck:
         model = self.config.default_model
         body = {"generateContentRequest": {"model": f"models/{model}", "contents": CHECK_PROMPT}}
         try:
-            answer = upstream.call_json("POST", model_path(model, "countTokens"), body)
+            answer = upstream.call_json("POST", _model_path(model, "countTokens"), body)
         except UpstreamError as error:
             if error.upstream_status == 404:
                 return self.line(True, "count_tokens: this base has none; the proxy estimates")
@@ -5798,7 +5800,7 @@ class SetupCheck:
         return self.line(True, f"count_tokens works ({answer.get('totalTokens')} tokens)")
 
 
-def claude_code_command(config: Config) -> str:
+def _claude_code_command(config: Config) -> str:
     """Return the one command that starts Claude Code on this proxy."""
     host = config.host if config.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
     host = f"[{host}]" if ":" in host else host
@@ -5806,9 +5808,9 @@ def claude_code_command(config: Config) -> str:
     return f"ANTHROPIC_BASE_URL=http://{host}:{config.port} ANTHROPIC_AUTH_TOKEN={token} claude"
 
 
-def claude_code_settings(config: Config, input_limit: int | None) -> list:
+def _claude_code_settings(config: Config, input_limit: int | None) -> list:
     """Return the lines that point Claude Code at this proxy."""
-    base_url, token = claude_code_command(config).split()[:2]
+    base_url, token = _claude_code_command(config).split()[:2]
     lines = ["", "Point Claude Code at this proxy:", f"export {base_url}", f"export {token}",
              f"export ANTHROPIC_DEFAULT_MODEL={config.default_model}"]
     for tier, name in CLAUDE_CODE_TIERS:
@@ -5824,14 +5826,14 @@ def claude_code_settings(config: Config, input_limit: int | None) -> list:
 def main(argv: list | None = None) -> int:
     """Run the proxy; return the process exit status."""
     argv = sys.argv[1:] if argv is None else argv
-    args, _ = build_arg_parser().parse_known_args(argv)
+    args, _ = _build_arg_parser().parse_known_args(argv)
     try:
         config = read_config(argv, dict(os.environ), _read_dotenv(args.env_file))
     except ValueError as exc:
         print(f"claude_gemini_proxy: {exc}", file=sys.stderr)
         return 2
     if args.check:
-        return SetupCheck(config, print).run()
+        return _SetupCheck(config, print).run()
     logging.basicConfig(level=logging.DEBUG if config.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s [%(threadName)s] %(message)s")
     try:
@@ -5848,7 +5850,7 @@ def main(argv: list | None = None) -> int:
         except ProxyError as error:
             print(f"claude_gemini_proxy: {error.message}", file=sys.stderr)
             return 2
-    serve_until_signal(server)
+    _serve_until_signal(server)
     return 0
 
 

@@ -477,7 +477,7 @@ class FakeGemini:
         builtins = [t for t in body.get("tools") or () if set(t) & {"googleSearch", "urlContext", "codeExecution"}]
         if builtins and any("functionDeclarations" in t for t in body.get("tools") or ()):
             combined = (body.get("toolConfig") or {}).get("includeServerSideToolInvocations") is True
-            if cgp.model_version(model) < (3, 0) or not combined or model in self.uncombinable:
+            if cgp._model_version(model) < (3, 0) or not combined or model in self.uncombinable:
                 return 400, gemini_error(400, "Tool use with function calling is unsupported")
         generation = body.get("generationConfig") or {}
         if len(generation.get("stopSequences") or ()) > 5:
@@ -911,7 +911,7 @@ def test_config_is_read_only_and_hides_secrets_in_repr():
     ("claude-opus-4-1", "gemini-3.1-pro-preview"),
 ])
 def test_model_routing(client_model, expected):
-    config = cgp.Config(default_model="gemini-default", model_map=cgp.parse_model_map(
+    config = cgp.Config(default_model="gemini-default", model_map=cgp._parse_model_map(
         "claude-haiku-*=gemini-3.5-flash-lite,claude-opus-*=gemini-3.1-pro-preview,claude-opus-4-1=never"))
     assert cgp.map_model(client_model, config) == expected
 
@@ -1027,7 +1027,7 @@ def test_no_candidates_is_502_after_one_retry(gemini, proxy):
 ])
 def test_retry_delays_are_clamped_or_ignored(delay, expected):
     details = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": delay}]
-    error = cgp.upstream_error(429, json.dumps({"error": gemini_error(429, "slow", "RESOURCE_EXHAUSTED",
+    error = cgp._upstream_error(429, json.dumps({"error": gemini_error(429, "slow", "RESOURCE_EXHAUSTED",
                                                                       details)}).encode())
     assert error.retry_delay == expected
     assert 1 <= int(error.headers["retry-after"]) <= 3600
@@ -1042,7 +1042,7 @@ def test_retry_delays_are_clamped_or_ignored(delay, expected):
     b"<html>" + b"y" * (50 << 20),
 ], ids=["details-object", "details-number", "error-string", "deep", "50MB-json", "50MB-html"])
 def test_odd_error_bodies_still_map_to_their_status(payload):
-    error = cgp.upstream_error(429, payload)
+    error = cgp._upstream_error(429, payload)
     assert (error.status, error.error_type) == (429, "rate_limit_error")
     assert len(error.message) <= 4096 + 10 and error.headers["retry-after"]
 
@@ -1055,7 +1055,7 @@ def test_odd_error_bodies_still_map_to_their_status(payload):
      "prompt is too long: 1200293 tokens > 1048576 maximum"),
 ])
 def test_context_overflow_wordings_become_the_message_claude_code_compacts_on(message, expected):
-    error = cgp.upstream_error(400, json.dumps({"error": gemini_error(400, message)}).encode())
+    error = cgp._upstream_error(400, json.dumps({"error": gemini_error(400, message)}).encode())
     assert (error.status, error.message) == (400, expected)
 
 
@@ -1100,15 +1100,15 @@ def test_signature_store_is_thread_safe():
 def test_carrier_round_trips_and_rejects_tampering_and_other_keys():
     signature = new_signature()
     carried = cgp.Carried("gemini-3.5-flash", cgp.KIND_CALL, "call-9", signature)
-    token = cgp.encode_carrier(b"key-one", carried)
+    token = cgp._encode_carrier(b"key-one", carried)
     assert cgp.re.match(r"^[A-Za-z0-9_-]+$", token) and len(token) < 200
-    assert cgp.decode_carrier(b"key-one", token) == carried
-    assert cgp.decode_carrier(b"key-two", token) is None
+    assert cgp._decode_carrier(b"key-one", token) == carried
+    assert cgp._decode_carrier(b"key-two", token) is None
     flipped = token[:20] + ("A" if token[20] != "A" else "B") + token[21:]
-    assert cgp.decode_carrier(b"key-one", flipped) is None
-    assert cgp.decode_carrier(b"key-one", "EqQBCkYIBRgCKkDclaudeSignature") is None
+    assert cgp._decode_carrier(b"key-one", flipped) is None
+    assert cgp._decode_carrier(b"key-one", "EqQBCkYIBRgCKkDclaudeSignature") is None
     odd = cgp.Carried("m", cgp.KIND_THOUGHT, "", "not-base64_url-safe==")  # kept verbatim
-    assert cgp.decode_carrier(b"key-one", cgp.encode_carrier(b"key-one", odd)) == odd
+    assert cgp._decode_carrier(b"key-one", cgp._encode_carrier(b"key-one", odd)) == odd
 
 
 # == Request translation ======================================================
@@ -1331,7 +1331,7 @@ REJECTED_SCHEMAS = {
 def test_rejected_tool_schema_reduces_to_what_gemini_parameters_accepts(case):
     schema, notes = REJECTED_SCHEMAS[case]
     assert schema_problem(schema, "parameters")  # what real Gemini's `parameters` refuses
-    declaration = cgp.repaired_declaration({"name": "mcp__srv__query", "description": "Query.",
+    declaration = cgp._repaired_declaration({"name": "mcp__srv__query", "description": "Query.",
                                             "parametersJsonSchema": schema})
     assert schema_problem(declaration["parameters"], "parameters") is None
     assert set(declaration) == {"name", "description", "parameters"}
@@ -1342,20 +1342,20 @@ def test_rejected_tool_schema_reduces_to_what_gemini_parameters_accepts(case):
 
 
 def test_reduced_schemas_keep_what_gemini_can_say():
-    paths, _ = cgp.reduce_tool_schema(REJECTED_SCHEMAS["items next to a union with array"][0])
+    paths, _ = cgp._reduce_tool_schema(REJECTED_SCHEMAS["items next to a union with array"][0])
     assert paths["properties"]["paths"] == {"anyOf": [{"type": "array", "items": {"type": "string"}},
                                                       {"type": "string"}]}
-    rows, _ = cgp.reduce_tool_schema(REJECTED_SCHEMAS["items with a type union including null"][0])
+    rows, _ = cgp._reduce_tool_schema(REJECTED_SCHEMAS["items with a type union including null"][0])
     assert rows["properties"]["rows"]["items"] == {"type": "object", "properties": {"id": {"type": "integer"}},
                                                    "nullable": True}
-    tree, _ = cgp.reduce_tool_schema(REJECTED_SCHEMAS["$ref/$defs cycle"][0])
+    tree, _ = cgp._reduce_tool_schema(REJECTED_SCHEMAS["$ref/$defs cycle"][0])
     assert tree["required"] == ["tree"]
     assert tree["properties"]["tree"]["properties"] == {"name": {"type": "string", "enum": ["root"]}}
-    extras, _ = cgp.reduce_tool_schema(REJECTED_SCHEMAS["JSON Schema extras"][0])
+    extras, _ = cgp._reduce_tool_schema(REJECTED_SCHEMAS["JSON Schema extras"][0])
     assert extras["properties"]["pick"] == {"type": "string", "format": "uri", "nullable": True}
     assert extras["properties"]["all"] == {"type": "object", "properties": {"a": {"type": "string"}},
                                            "required": ["a"]}
-    assert cgp.reduce_tool_schema({"type": "object", "properties": {}}) == (None, [])
+    assert cgp._reduce_tool_schema({"type": "object", "properties": {}}) == (None, [])
 
 
 def test_a_400_pointing_into_tools_names_the_client_tool():
@@ -1364,13 +1364,13 @@ def test_a_400_pointing_into_tools_names_the_client_tool():
         {"name": "mcp__srv__query" + "x" * 60, "input_schema": {"type": "object"}}]})
     message = ("* GenerateContentRequest.tools[0].function_declarations[1].parameters.properties[paths].items: "
                "field predicate failed: $type == Type.ARRAY")
-    error = cgp.upstream_error(400, json.dumps({"error": gemini_error(400, message)}).encode())
-    named = cgp.name_rejected_tools(error, request)
+    error = cgp._upstream_error(400, json.dumps({"error": gemini_error(400, message)}).encode())
+    named = cgp._name_rejected_tools(error, request)
     assert named.message == f"tool `mcp__srv__query{'x' * 60}` has an input schema Gemini rejects: {message}"
     assert (named.status, named.error_type, named.headers) == (400, "invalid_request_error", error.headers)
-    assert cgp.rejected_declarations(error, request.body) == [request.body["tools"][0]["functionDeclarations"][1]]
-    other = cgp.upstream_error(400, json.dumps({"error": gemini_error(400, "contents[2] is bad")}).encode())
-    assert cgp.name_rejected_tools(other, request) is other
+    assert cgp._rejected_declarations(error, request.body) == [request.body["tools"][0]["functionDeclarations"][1]]
+    other = cgp._upstream_error(400, json.dumps({"error": gemini_error(400, "contents[2] is bad")}).encode())
+    assert cgp._name_rejected_tools(other, request) is other
 
 
 def test_server_tools_are_left_out_not_rejected():
@@ -1571,7 +1571,7 @@ def test_a_new_block_type_is_one_entry_in_the_description(monkeypatch):
     body = {"messages": [{"role": "user", "content": [{"type": "note_block", "note": 5},
                                                        {"type": "text", "text": "hi"}]}]}
     translate(body)  # unknown types pass: only described ones are checked
-    monkeypatch.setitem(cgp.CONTENT_BLOCKS, "note_block", cgp.Obj({"note": cgp.STRING}))
+    monkeypatch.setitem(cgp.CONTENT_BLOCKS, "note_block", cgp._Obj({"note": cgp.STRING}))
     with pytest.raises(cgp.ProxyError, match=r"^messages\.0\.content\.0\.note: must be a string$"):
         translate(body)
 
@@ -1594,7 +1594,7 @@ def test_lone_surrogates_become_replacement_characters(gemini, proxy, caplog, ra
 
 
 def test_a_valid_surrogate_pair_is_kept():
-    body = cgp.decode_json_body(b'{"a": "\\ud83d\\ude00", "b": "\xed\xa0\xbd\xed\xb8\x80"}')
+    body = cgp._decode_json_body(b'{"a": "\\ud83d\\ude00", "b": "\xed\xa0\xbd\xed\xb8\x80"}')
     assert body == {"a": "\U0001F600", "b": "\U0001F600"}
 
 
@@ -1789,9 +1789,9 @@ def test_tool_ids_carry_gemini_call_id_and_signature_and_are_unique():
                           call("Bash", {}), finish="STOP")])
     ids = [b["id"] for b in fold.message()["content"]]
     assert len(set(ids)) == 3 and all(cgp.re.match(r"^toolu_[A-Za-z0-9_-]+$", i) for i in ids)
-    first = cgp.decode_carrier(store.key, ids[0][6:])
+    first = cgp._decode_carrier(store.key, ids[0][6:])
     assert (first.call_id, first.signature, first.model) == ("c1", signature, "gemini-3.5-flash")
-    assert cgp.decode_carrier(store.key, ids[1][6:]).signature == ""
+    assert cgp._decode_carrier(store.key, ids[1][6:]).signature == ""
 
 
 def test_stream_events_concatenate_to_the_non_stream_message():
@@ -1801,7 +1801,7 @@ def test_stream_events_concatenate_to_the_non_stream_message():
     body = {"thinking": {"type": "adaptive"}}
     fold, _ = fold_for(body)
     events = run_fold(fold, chunks)
-    raw = b"".join(cgp.sse_frame(name, data) for name, data in events)
+    raw = b"".join(cgp._sse_frame(name, data) for name, data in events)
     _, rebuilt = read_sse(raw)
     whole, _ = fold_for(body)
     run_fold(whole, [merge_chunks(chunks)])
@@ -2686,8 +2686,8 @@ def test_connections_past_max_connections_get_a_fast_529_and_close(gemini, start
 
 
 def test_max_connections_default_leaves_an_upstream_socket_per_connection():
-    assert cgp.max_connections_for(1024, 64) == (1024 - cgp.FD_RESERVE - 64) // 2
-    assert cgp.max_connections_for(10, 64) == 1
+    assert cgp._max_connections_for(1024, 64) == (1024 - cgp.FD_RESERVE - 64) // 2
+    assert cgp._max_connections_for(10, 64) == 1
     assert cgp.Config().max_connections == 0  # derived at start from ulimit -n
 
 
@@ -2792,7 +2792,7 @@ def test_metrics_escape_labels_and_give_only_answered_models_a_series(gemini, pr
 
 
 def test_label_values_are_escaped_per_the_text_format():
-    assert cgp.label_value('a"b\\c\nd') == 'a\\"b\\\\c\\nd' and cgp.label_value(200) == "200"
+    assert cgp._label_value('a"b\\c\nd') == 'a\\"b\\\\c\\nd' and cgp._label_value(200) == "200"
 
 
 # == HTTP handler: streaming ================================================
@@ -2966,7 +2966,7 @@ def test_a_closed_socket_in_the_watch_list_does_not_hide_the_others():
 
     left = Stream()
     theirs.close()
-    cgp.StreamWatch(15.0).check([(Stream(), closed), (left, ours)], now=1.0)
+    cgp._StreamWatch(15.0).check([(Stream(), closed), (left, ours)], now=1.0)
     assert aborted == [left]
     ours.close()
 
@@ -2976,10 +2976,10 @@ def test_client_left_detection_watches_descriptors_past_1024():
     high = socket.socket(fileno=os.dup2(ours.fileno(), 1500))
     ours.close()
     try:
-        assert cgp.socket_states([high])[2] == {1500}  # writable, seen through poll()
+        assert cgp._socket_states([high])[2] == {1500}  # writable, seen through poll()
         assert not cgp._client_left(high)
         theirs.close()
-        readable, gone, _ = cgp.socket_states([high])
+        readable, gone, _ = cgp._socket_states([high])
         assert 1500 in readable | gone and cgp._client_left(high)
     finally:
         high.close()
@@ -4657,7 +4657,7 @@ def create_batch(proxy, *requests):
 
 
 def gemini_batch_names(proxy, batch_id):
-    return cgp.decode_names(proxy.server.signatures.key, cgp.KIND_BATCH, batch_id[len("msgbatch_"):])
+    return cgp._decode_names(proxy.server.signatures.key, cgp.KIND_BATCH, batch_id[len("msgbatch_"):])
 
 
 def results(proxy, batch_id):
@@ -4668,17 +4668,17 @@ def results(proxy, batch_id):
 
 
 def test_names_tokens_round_trip_and_refuse_tampering_other_keys_and_kinds():
-    token = cgp.encode_names(b"key-one", cgp.KIND_BATCH, ["batches/a1", "batches/b2"])
+    token = cgp._encode_names(b"key-one", cgp.KIND_BATCH, ["batches/a1", "batches/b2"])
     assert cgp.re.match(r"^[A-Za-z0-9_-]+$", token)
-    assert token == cgp.encode_names(b"key-one", cgp.KIND_BATCH, ["batches/a1", "batches/b2"])
-    assert cgp.decode_names(b"key-one", cgp.KIND_BATCH, token) == ["batches/a1", "batches/b2"]
-    assert cgp.decode_names(b"key-two", cgp.KIND_BATCH, token) is None
-    assert cgp.decode_names(b"key-one", cgp.KIND_FILE, token) is None
+    assert token == cgp._encode_names(b"key-one", cgp.KIND_BATCH, ["batches/a1", "batches/b2"])
+    assert cgp._decode_names(b"key-one", cgp.KIND_BATCH, token) == ["batches/a1", "batches/b2"]
+    assert cgp._decode_names(b"key-two", cgp.KIND_BATCH, token) is None
+    assert cgp._decode_names(b"key-one", cgp.KIND_FILE, token) is None
     flipped = token[:5] + ("A" if token[5] != "A" else "B") + token[6:]
-    assert cgp.decode_names(b"key-one", cgp.KIND_BATCH, flipped) is None
-    carrier = cgp.encode_carrier(b"key-one", cgp.Carried("m", cgp.KIND_CALL, "c", "sig"))
-    assert cgp.decode_names(b"key-one", cgp.KIND_BATCH, carrier) is None
-    assert cgp.decode_carrier(b"key-one", token) is None
+    assert cgp._decode_names(b"key-one", cgp.KIND_BATCH, flipped) is None
+    carrier = cgp._encode_carrier(b"key-one", cgp.Carried("m", cgp.KIND_CALL, "c", "sig"))
+    assert cgp._decode_names(b"key-one", cgp.KIND_BATCH, carrier) is None
+    assert cgp._decode_carrier(b"key-one", token) is None
 
 
 @pytest.mark.parametrize("path, route, path_id", [
@@ -4692,7 +4692,7 @@ def test_names_tokens_round_trip_and_refuse_tampering_other_keys_and_kinds():
     ("/v1/messages/batches//cancel", "", ""),
 ])
 def test_routes_match_path_templates(path, route, path_id):
-    found, methods, found_id = cgp.match_route(path)
+    found, methods, found_id = cgp._match_route(path)
     assert (found, found_id) == (route, path_id)
     assert (methods is None) == (route == "")
 
@@ -4777,10 +4777,10 @@ def test_upload_refuses_bodies_that_are_not_a_file(gemini, proxy):
 
 
 def test_forged_foreign_or_other_kind_ids_are_404_and_never_reach_gemini(gemini, proxy):
-    other_key = cgp.encode_names(b"another key", cgp.KIND_BATCH, ["batches/abc"])
+    other_key = cgp._encode_names(b"another key", cgp.KIND_BATCH, ["batches/abc"])
     mine = proxy.server.signatures.key
-    as_file = cgp.encode_names(mine, cgp.KIND_FILE, ["batches/abc", "x", "9999999999", "u"])
-    bad_name = cgp.encode_names(mine, cgp.KIND_BATCH, ["models/../files/abc"])
+    as_file = cgp._encode_names(mine, cgp.KIND_FILE, ["batches/abc", "x", "9999999999", "u"])
+    bad_name = cgp._encode_names(mine, cgp.KIND_BATCH, ["models/../files/abc"])
     batch_ids = ["msgbatch_", "msgbatch_abc", "msgbatch_" + other_key, "msgbatch_" + as_file,
                  "msgbatch_" + bad_name, "file_" + other_key]
     file_ids = ["file_", "file_abc", "file_" + other_key, "file_" + bad_name, "msgbatch_" + as_file]
@@ -4800,7 +4800,7 @@ def test_forged_foreign_or_other_kind_ids_are_404_and_never_reach_gemini(gemini,
 def test_file_sources_become_file_data_and_foreign_or_expired_ids_are_400():
     store = cgp.SignatureStore(b"k" * 32)
     name, uri = "files/abc123", "https://generativelanguage.googleapis.com/v1beta/files/abc123"
-    file_id = cgp.file_object(store.key, {"name": name, "mimeType": "image/png", "uri": uri,
+    file_id = cgp._file_object(store.key, {"name": name, "mimeType": "image/png", "uri": uri,
                                           "createTime": "2099-01-01T00:00:00.123456789Z",
                                           "expirationTime": "2099-01-03T00:00:00Z"})["id"]
     image = {"type": "image", "source": {"type": "file", "file_id": file_id}}
@@ -4809,8 +4809,8 @@ def test_file_sources_become_file_data_and_foreign_or_expired_ids_are_400():
     assert body["contents"][0]["parts"] == [{"fileData": {"mimeType": "image/png", "fileUri": uri}}]
     response = body["contents"][-1]["parts"][0]["functionResponse"]
     assert response["parts"] == [{"fileData": {"mimeType": "image/png", "fileUri": uri}}]
-    expired = cgp.encode_names(store.key, cgp.KIND_FILE, [name, "image/png", "1000", uri])
-    foreign = cgp.encode_names(b"other", cgp.KIND_FILE, [name, "image/png", "9999999999", uri])
+    expired = cgp._encode_names(store.key, cgp.KIND_FILE, [name, "image/png", "1000", uri])
+    foreign = cgp._encode_names(b"other", cgp.KIND_FILE, [name, "image/png", "9999999999", uri])
     for bad, wording in (("file_" + expired, "expired at 1970-01-01T00:16:40Z"),
                          ("file_" + foreign, "not a file uploaded through this proxy"),
                          ("msgbatch_x", "not a file uploaded")):
@@ -4854,7 +4854,7 @@ def test_batch_requests_translate_as_messages_do_and_results_map_back_by_key(gem
     assert len(inline) == 3 and gemini.batches[name]["displayName"].startswith("claude_gemini_proxy:")
     assert request(proxy, "GET", f"/v1/messages/batches/{batch['id']}").json == batch
     gemini.script = [Reply(chunk(text("zero"), finish="STOP")),
-                     Reply(chunk(call(cgp.gemini_tool_name("get weather!"), {}), finish="STOP")),
+                     Reply(chunk(call(cgp._gemini_tool_name("get weather!"), {}), finish="STOP")),
                      Reply(chunk(text("go Stop here"), finish="STOP"))]
     gemini.end_batch(name, reverse=True)  # Gemini's order is not the requests' order
     ended = request(proxy, "GET", f"/v1/messages/batches/{batch['id']}?beta=true").json
@@ -5161,7 +5161,7 @@ def test_fuzzed_bodies_are_translated_or_refused_naming_a_field():
     for _ in range(3000):
         raw = fuzz_bytes(mutate(rnd.choice(corpus), rnd), rnd)
         try:
-            request = cgp.to_gemini_request(cgp.decode_json_body(raw), config, store)
+            request = cgp.to_gemini_request(cgp._decode_json_body(raw), config, store)
             json.dumps(request.body, ensure_ascii=False).encode()  # what goes upstream
             outcomes["ok"] += 1
         except cgp.ProxyError as error:
@@ -5300,7 +5300,7 @@ def test_vertex_partial_args_become_one_tool_use_with_the_whole_input():
     assert message["content"][0]["name"] == "Edit" and message["stop_reason"] == "tool_use"
     assert message["content"][0]["input"] == {"path": "/a.py", "dry": False,
                                               "edits": [{"text": "def f(): pass", "line": 3}]}
-    _, rebuilt = read_sse(b"".join(cgp.sse_frame(name, data) for name, data in events))
+    _, rebuilt = read_sse(b"".join(cgp._sse_frame(name, data) for name, data in events))
     assert rebuilt["content"][0]["input"] == message["content"][0]["input"]
 
 
@@ -5555,7 +5555,7 @@ def test_fuzzed_gemini_chunks_are_translated_or_the_mapped_error():
         fold, _ = fold_for(rnd.choice(bodies))
         try:
             events = run_fold(fold, [cgp._parse_chunk(piece, "a chunk") for piece in raw])
-            b"".join(cgp.sse_frame(name, data) for name, data in events)  # what the client gets
+            b"".join(cgp._sse_frame(name, data) for name, data in events)  # what the client gets
             json.dumps(fold.message(), ensure_ascii=False).encode()
             outcomes["ok"] += 1
         except cgp.ProxyError as error:
