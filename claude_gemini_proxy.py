@@ -85,7 +85,7 @@ try:
 except ImportError:  # pragma: no cover (Windows)
     resource = None
 
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 __all__ = [
     "Config", "read_config", "map_model", "ProxyError", "UpstreamError", "Carried",
     "SignatureStore", "GeminiRequest", "to_gemini_request", "ResponseFold", "Metrics",
@@ -5259,18 +5259,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
         if not request.stream:
             self.answer_whole(fold, open_answer, live, cancel)
             return
-        else:
-            self.stream = _SSEStream(self.wfile.write, cancel, lambda: self.stream_head(fold),
-                                    fold.start(), self.request_version != "HTTP/1.0")
-            server.watch.add(self.connection, self.stream)
-            try:
-                _run_fold(open_answer, fold, self.stream.send, live, cancel)
-                self.stream.send(fold.finish(), end=True)
-            finally:
-                server.watch.remove(self.stream)
-            self.status, self.usage = 200, fold.usage()
-            self.prompt_tokens = fold.prompt_tokens()
-        server.healing.note_served(fold.request.model, fold.model_version)
+        self.stream = _SSEStream(self.wfile.write, cancel, lambda: self.stream_head(fold),
+                                 fold.start(), self.request_version != "HTTP/1.0")
+        server.watch.add(self.connection, self.stream)
+        try:
+            _run_fold(open_answer, fold, self.stream.send, live, cancel)
+            self.stream.send(fold.finish(), end=True)
+        finally:
+            server.watch.remove(self.stream)
+        self.status = 200
+        self.note_answer(fold)
 
     def answer_whole(self, fold: ResponseFold, open_answer, live: bool, cancel: Cancel) -> None:
         """Answer a non-stream request; the watch cancels Gemini's call if the client leaves."""
@@ -5281,10 +5279,15 @@ class ProxyHandler(BaseHTTPRequestHandler):
         finally:
             server.watch.remove_waiting(cancel)
         fold.finish()
-        self.usage, self.prompt_tokens = fold.usage(), fold.prompt_tokens()
-        # Learned before the answer goes, so the client's next request already follows it.
-        server.healing.note_served(fold.request.model, fold.model_version)
+        self.note_answer(fold)  # before the answer goes: the client's next request follows it
         self.send_json(200, fold.message(), {"x-gemini-model": fold.request.model})
+
+    def note_answer(self, fold: ResponseFold) -> None:
+        """Keep what a finished answer tells: its model and tokens for the access log and
+        /metrics, and the Gemini model that served it for the self-healing rules."""
+        self.gemini_model = fold.request.model
+        self.usage, self.prompt_tokens = fold.usage(), fold.prompt_tokens()
+        self.server.healing.note_served(fold.request.model, fold.model_version)
 
     def stream_head(self, fold: ResponseFold) -> bytes:
         """Return the head of an SSE response, naming the model that answers; HTTP/1.0 has no
