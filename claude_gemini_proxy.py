@@ -5051,8 +5051,8 @@ class ProxyHandler(BaseHTTPRequestHandler):
         lines = _read_header_lines(self.rfile)
         length, chunked = _body_framing(lines, version)
         headers = http.client.HTTPMessage()
-        for name, value in lines:
-            headers[name.decode("latin-1")] = value.strip(b" \t").decode("latin-1")
+        for field, raw in lines:
+            headers[field.decode("latin-1")] = raw.strip(b" \t").decode("latin-1")
         self.headers = headers
         if version == "HTTP/1.1" and len(headers.get_all("host") or ()) != 1:
             raise _FramingError(400, "Host: an HTTP/1.1 request needs exactly one")
