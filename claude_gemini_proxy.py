@@ -719,6 +719,13 @@ class _Shape:
     def check(self, value, depth: int) -> None:
         _check_any(value, depth)
 
+    def _enter(self, value, depth: int) -> None:
+        """Refuse a container of the wrong JSON type or one nested too deeply."""
+        if type(value) is not self.types[0]:
+            raise _Invalid(f"must be {self.name}")
+        if depth > MAX_JSON_DEPTH:
+            raise _Invalid(f"nested deeper than {MAX_JSON_DEPTH} levels")
+
 
 class _Scalar(_Shape):
     """A string, integer, number or boolean, with optional limits."""
@@ -761,10 +768,7 @@ class _Obj(_Shape):
         self.required = required
 
     def check(self, value, depth: int) -> None:
-        if type(value) is not dict:
-            raise _Invalid("must be an object")
-        if depth > MAX_JSON_DEPTH:
-            raise _Invalid(f"nested deeper than {MAX_JSON_DEPTH} levels")
+        self._enter(value, depth)
         for name in self.required:
             if value.get(name) is None:
                 raise _Invalid("field required", name)
@@ -792,10 +796,7 @@ class _Arr(_Shape):
         self.max_items = max_items
 
     def check(self, value, depth: int) -> None:
-        if type(value) is not list:
-            raise _Invalid("must be an array")
-        if depth > MAX_JSON_DEPTH:
-            raise _Invalid(f"nested deeper than {MAX_JSON_DEPTH} levels")
+        self._enter(value, depth)
         if self.max_items is not None and len(value) > self.max_items:
             raise _Invalid(f"must have at most {self.max_items} items")
         check, plain = self.item.check, self.item.plain
