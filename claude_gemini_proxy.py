@@ -3285,12 +3285,17 @@ class UpstreamAnswer:
 
     def abort(self) -> None:
         self.aborted = True
-        sock = self.conn.sock
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        _cut(self.conn)
+
+
+def _cut(conn: http.client.HTTPConnection) -> None:
+    """Shut an upstream connection's socket from any thread: its reader wakes at once."""
+    sock = conn.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 MAX_ANSWER_BYTES = 64 << 20  # a non-stream answer (or error body) past this is a 502
@@ -4697,11 +4702,8 @@ class Cancel:
             answer, conn = self.answer, self.conn
         if answer is not None:
             answer.abort()
-        if conn is not None and conn.sock is not None:  # Gemini is still working on it
-            try:
-                conn.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        if conn is not None:  # Gemini may still be working on it
+            _cut(conn)
 
 
 def _run_fold(open_answer, fold: ResponseFold, send, live: bool, cancel: Cancel) -> None:
