@@ -4897,31 +4897,39 @@ class _StreamWatch:
 
     def check_waiting(self, waiting: list) -> None:
         """Cancel the upstream calls of the non-stream clients that left."""
-        try:
-            readable, gone, _ = _socket_states([sock for _, sock in waiting])
-        except (OSError, ValueError):  # a socket closed meanwhile: next round
-            return
-        for cancel, sock in waiting:
-            fd = sock.fileno()
-            if fd in gone or fd in readable and _client_left(sock):
-                cancel()
+        left, _ = _partition_clients(waiting)
+        for cancel in left:
+            cancel()
 
     def check(self, streams: list, now: float) -> None:
         """Abort the streams whose client left; ping the idle ones that can take it now."""
-        streams = [(stream, sock) for stream, sock in streams if sock.fileno() >= 0]  # closing
-        try:
-            readable, gone, writable = _socket_states([sock for _, sock in streams])
-        except (OSError, ValueError):  # a socket closed meanwhile: next round
-            return
-        for stream, sock in streams:
-            fd = sock.fileno()
-            try:
-                if fd in gone or fd in readable and _client_left(sock):
-                    stream.abort()
-                elif fd in writable and now - stream.last_write >= self.interval:
+        left, staying = _partition_clients(streams)
+        for stream in left:
+            stream.abort()
+        for stream, writable in staying:
+            if writable and now - stream.last_write >= self.interval:
+                try:
                     stream.ping()
-            except _ClientGone:
-                pass
+                except _ClientGone:
+                    pass
+
+
+def _partition_clients(pairs: list) -> tuple:
+    """Split (item, client socket) pairs into (items whose client left, [(item, writable
+    now)] for the rest); a socket closed meanwhile waits for the next round."""
+    pairs = [(item, sock) for item, sock in pairs if sock.fileno() >= 0]  # being closed
+    try:
+        readable, gone, writable = _socket_states([sock for _, sock in pairs])
+    except (OSError, ValueError):  # a socket closed meanwhile: next round
+        return [], []
+    left, staying = [], []
+    for item, sock in pairs:
+        fd = sock.fileno()
+        if fd in gone or fd in readable and _client_left(sock):
+            left.append(item)
+        else:
+            staying.append((item, fd in writable))
+    return left, staying
 
 
 # Claude Code's attribution headers, shown on the access line so an operator can add up a
