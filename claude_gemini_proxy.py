@@ -3102,7 +3102,7 @@ class UpstreamClient:
         pieces, size = [], 0
         deadline = self.now() + self.config.upstream_timeout
         try:
-            for piece in _pieces(conn, response, deadline, self.now):
+            for piece in _pieces(conn, response, lambda: deadline, self.now):
                 size += len(piece)
                 if size > MAX_ANSWER_BYTES:
                     conn.close()
@@ -3308,11 +3308,11 @@ def _answer_too_large() -> ProxyError:
                       f"Gemini's answer is larger than {MAX_ANSWER_BYTES >> 20} MiB")
 
 
-def _pieces(conn, response, deadline: float, now):
-    """Yield the body as it arrives, each read bounded by the time left to `deadline` (a
-    body dripped a byte at a time cannot hold a request past it)."""
+def _pieces(conn, response, deadline, now):
+    """Yield the body as it arrives; deadline() is read before each socket read, which gets
+    only the time left (a body dripped a byte at a time cannot hold a request past it)."""
     while True:
-        left = deadline - now()
+        left = deadline() - now()
         if left <= 0 or conn.sock is None:
             raise socket.timeout("UPSTREAM_TIMEOUT passed")
         conn.sock.settimeout(left)
@@ -3324,19 +3324,9 @@ def _pieces(conn, response, deadline: float, now):
 
 
 def _lines(conn, response, deadline, now):
-    """Yield the lines of a streamed body; deadline() is read before each socket read."""
+    """Yield the lines of a streamed body, read as _pieces() reads it."""
     pending, size = [], 0  # pieces of the line not ended yet
-    while True:
-        left = deadline() - now()
-        if left <= 0 or conn.sock is None:
-            raise socket.timeout("UPSTREAM_TIMEOUT passed since the last chunk")
-        conn.sock.settimeout(left)
-        piece = response.read1(READ_PIECE)
-        if not piece:
-            response.read()  # marks a Content-Length answer read, so its connection is pooled
-            if pending:
-                yield b"".join(pending)
-            return
+    for piece in _pieces(conn, response, deadline, now):
         start = 0
         end = piece.find(b"\n") + 1
         while end:
@@ -3350,6 +3340,8 @@ def _lines(conn, response, deadline, now):
             if size > MAX_SSE_LINE:
                 raise ProxyError(502, "api_error", "Gemini sent a stream line longer than "
                                  f"{MAX_SSE_LINE >> 20} MiB")
+    if pending:
+        yield b"".join(pending)
 
 
 def _parse_chunk(payload: bytes, what: str):
