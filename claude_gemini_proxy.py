@@ -2364,9 +2364,8 @@ class ResponseFold:
         sources (Gemini does not say which query found which) go with the first."""
         queries = [q for q in _items(grounding, "webSearchQueries") if isinstance(q, str)]
         results = []
-        for chunk in _items(grounding, "groundingChunks"):
-            web = chunk.get("web") if isinstance(chunk, dict) else None
-            if isinstance(web, dict) and isinstance(web.get("uri"), str) and web["uri"]:
+        for web in _web_sources(grounding):
+            if web and web["uri"]:
                 results.append({"type": "web_search_result", "url": web["uri"],
                                 "title": web.get("title") or web["uri"], "encrypted_content": "",
                                 "page_age": None})
@@ -2378,11 +2377,8 @@ class ResponseFold:
 
     def _fetch_blocks(self, url_context: dict, grounding: dict, events: list) -> None:
         """Emit server_tool_use + web_fetch_tool_result per URL that URL context read."""
-        titles = {}
-        for chunk in _items(grounding, "groundingChunks"):
-            web = chunk.get("web") if isinstance(chunk, dict) else None
-            if isinstance(web, dict) and isinstance(web.get("uri"), str) and web["uri"]:
-                titles[web["uri"]] = web.get("title")
+        titles = {web["uri"]: web.get("title") for web in _web_sources(grounding)
+                  if web and web["uri"]}
         entries = [entry for entry in _items(url_context, "urlMetadata")
                    if isinstance(entry, dict) and isinstance(entry.get("retrievedUrl"), str)]
         for entry in entries:
@@ -2541,10 +2537,19 @@ def _code_result_content(result: dict) -> dict:
             "content": []}
 
 
+def _web_sources(grounding: dict) -> list:
+    """Return each grounding chunk's web source ({uri, title}) in order, None where a chunk has
+    none with a string uri: groundingSupports point at them by index."""
+    sources = []
+    for chunk in _items(grounding, "groundingChunks"):
+        web = chunk.get("web") if isinstance(chunk, dict) else None
+        sources.append(web if isinstance(web, dict) and isinstance(web.get("uri"), str) else None)
+    return sources
+
+
 def _citations(grounding: dict) -> list:
     """Return web_search_result_location citations for Google Search's groundingSupports."""
-    sources = [chunk.get("web") if isinstance(chunk, dict) else None
-               for chunk in _items(grounding, "groundingChunks")]
+    sources = _web_sources(grounding)
     citations = []
     for support in _items(grounding, "groundingSupports"):
         segment = support.get("segment") if isinstance(support, dict) else None
@@ -2553,7 +2558,7 @@ def _citations(grounding: dict) -> list:
             continue
         for index in _items(support, "groundingChunkIndices"):
             web = sources[index] if isinstance(index, int) and 0 <= index < len(sources) else None
-            if isinstance(web, dict) and isinstance(web.get("uri"), str):
+            if web:
                 citations.append({"type": "web_search_result_location", "url": web["uri"],
                                   "title": web.get("title") or None, "cited_text": cited,
                                   "encrypted_index": ""})
