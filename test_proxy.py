@@ -4220,31 +4220,15 @@ def test_body_over_limit_is_413_without_reading_it_into_memory(gemini, start_pro
 
 
 def test_garbage_request_line_gets_an_anthropic_shaped_400(proxy):
-    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
-        sock.sendall(b"THIS IS NOT HTTP\r\n\r\n")
-        reply = b""
-        while b"}}" not in reply:
-            piece = sock.recv(4096)
-            if not piece:
-                break
-            reply += piece
-    head, _, body = reply.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 400") and json.loads(body)["error"]["type"] == "invalid_request_error"
+    (reply,) = exchange(proxy, b"THIS IS NOT HTTP\r\n\r\n")
+    assert reply.status == 400 and json.loads(reply.body)["error"]["type"] == "invalid_request_error"
     assert request(proxy, "GET", "/health").status == 200
 
 
 @pytest.mark.parametrize("method", [b"messages", b"health", b"count_tokens", b"serve_messages"])
 def test_route_names_are_not_http_methods(proxy, caplog, method):
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-        sock.sendall(method + b" / HTTP/1.1\r\nHost: x\r\n\r\n")
-        reply = b""
-        while b"}}" not in reply:
-            piece = sock.recv(4096)
-            if not piece:
-                break
-            reply += piece
-    head, _, body = reply.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 501") and json.loads(body)["type"] == "error"
+    (reply,) = exchange(proxy, method + b" / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert reply.status == 501 and json.loads(reply.body)["type"] == "error"
     assert "Traceback" not in caplog.text and "TypeError" not in caplog.text
     assert request(proxy, "GET", "/health").status == 200
 
@@ -4902,25 +4886,12 @@ def test_fault_after_the_first_delta_ends_the_stream_with_an_sse_error(gemini, p
 
     monkeypatch.setattr(cgp.ResponseFold, "feed", failing_feed)
     body = json.dumps(messages_body(stream=True)).encode()
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-        sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        reply = b""
-        while True:  # the proxy closes the connection after the error
-            piece = sock.recv(65536)
-            if not piece:
-                break
-            reply += piece
-    head, _, chunked = reply.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200") and reply.count(b"HTTP/1.1") == 1
-    decoded = b""
-    while True:
-        size, _, rest = chunked.partition(b"\r\n")
-        size = int(size, 16)
-        if size == 0:
-            assert rest == b"\r\n"  # the terminating chunk, nothing after it
-            break
-        decoded, chunked = decoded + rest[:size], rest[size + 2:]
+    # exchange() reads until the proxy closes: one reply, a chunked body ending in its
+    # terminating chunk, and nothing after it (a second status line would be another reply).
+    (reply,) = exchange(proxy, b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                        b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert reply.status == 200 and reply.headers["transfer-encoding"] == "chunked"
+    decoded = reply.body
     events, _ = read_sse(decoded)
     assert [e["type"] for e in events][:3] == ["message_start", "content_block_start",
                                               "content_block_delta"]
