@@ -2714,18 +2714,10 @@ def leave_after(proxy, body, marker, seen_by=None):
     """Send a request, read until `marker` arrives (or nothing is asked for), then hang up;
     note in seen_by whether the marker came. Never spins: a closed or silent socket ends it."""
     payload = json.dumps(body).encode()
-    seen = b""
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
         sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
-        try:
-            while marker and marker not in seen:
-                piece = sock.recv(65536)
-                if not piece:
-                    break
-                seen += piece
-        except OSError:
-            pass
+        seen = read_until(sock, lambda got: not marker or marker in got, deadline=10)
     if seen_by is not None:
         seen_by.append(bool(marker) and marker in seen)
 
