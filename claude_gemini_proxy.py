@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
-import bisect
 import calendar
 import difflib
 import email.parser
@@ -2573,79 +2572,130 @@ def _token_count(meta: dict, name: str) -> int:
 class _StopSequences:
     """Find the stop sequence that ends first in streamed text; hold back only a possible start.
 
-    Work per chunk is one 8-character slice per new position plus a few C-level searches, not a
-    Python step per (sequence, length) pair: 64 sequences of 1,000 characters stay cheap."""
-
-    GRAM = 8  # sequences longer than this are found through their last and first 8 characters
-    MAX_FAILURES = 4  # possible starts disproved per chunk; past it, hold more (safe, later)
+    An Aho-Corasick automaton over the sorted sequences, built as the text reaches its states, so
+    the work is one dict lookup per character whatever the number or length of the sequences. A
+    state is the longest tail of the text that begins a sequence: (depth, low, high, fail, stop)
+    is its length, the range of sorted sequences it begins, the state of its longest proper tail
+    that begins one, and the sequence that ends with it (the first listed if several), or None.
+    moves[state] maps a letter to the next state; a move into a match is never kept, so the
+    lookup misses and the match is seen. Dicts that hold only ints are not tracked by the garbage
+    collector: a large automaton adds no collection work."""
 
     def __init__(self, sequences: tuple):
         self.rank = {sequence: i for i, sequence in reversed(list(enumerate(sequences)))}
-        self.short = [s for s in self.rank if len(s) <= self.GRAM]
-        self.endings: dict = {}  # last GRAM characters -> the long sequences ending so
-        for sequence in self.rank:
-            if len(sequence) > self.GRAM:
-                self.endings.setdefault(sequence[-self.GRAM:], []).append(sequence)
-        self.openings = frozenset(s[:self.GRAM] for s in self.rank if len(s) > self.GRAM)
-        self.ordered = sorted(self.rank)  # the sequences a text begins are one bisect range
-        self.longest = max(len(sequence) for sequence in sequences)
-        self.starts: list = []  # possible starts of long tails (stream offsets), ascending
-        self.base = 0  # stream offset of the text's first character (starts are offsets)
+        self.ordered = sorted(self.rank)
+        self.states = [(0, 0, len(self.ordered), 0, None)]
+        self.moves: list = [{}]
+        self.branches: dict = {}  # state -> {letter: (low, high)}, where several sequences go on
+        self.follows: dict = {}  # state -> the letters some state on its fail chain goes on with
+        self.state = 0
 
     def scan(self, text: str, new_from: int) -> tuple:
         """Return (cut, sequence): text[:cut] is final; sequence is the match cut there, or None.
 
-        text is the previous held tail plus new text from new_from on; without a match, the
-        caller holds text[cut:]."""
-        gram, size = self.GRAM, len(text)
-        low = max(0, new_from - gram + 1)  # every gram that ends in the new text
-        grams = [text[at:at + gram] for at in range(low, size - gram + 1)]
-        end, hit, matched = size + 1, -1, None
-        for sequence in self.short:
-            at = text.find(sequence, max(0, new_from - len(sequence) + 1), end)
-            if at >= 0 and self._earlier(at + len(sequence), sequence, end, matched):
-                end, hit, matched = at + len(sequence), at, sequence
-        endings = self.endings.keys() & grams  # C-level: usually empty
-        for i in [i for i, tail in enumerate(grams) if tail in endings] if endings else ():
-            stop = low + i + gram
-            for sequence in self.endings[grams[i]]:
-                at = stop - len(sequence)
-                if at >= 0 and text.startswith(sequence, at) and \
-                        self._earlier(stop, sequence, end, matched):
-                    end, hit, matched = stop, at, sequence
-        if matched is not None:
-            return hit, matched
-        openings = self.openings.intersection(grams)
-        if openings:
-            offset = self.base + low
-            self.starts += [offset + i for i, head in enumerate(grams) if head in openings]
-        return self._hold_from(text), None
+        text is the held tail (the current state's text) plus new text from new_from on;
+        without a match, the caller holds text[cut:]."""
+        state, moves = self.state, self.moves
+        for at, letter in enumerate(text[new_from:], new_from):
+            following = moves[state].get(letter)
+            if following is None:
+                following = self._move(state, letter, text, at)
+                stop = self.states[following][4]
+                if stop is not None:
+                    return at + 1 - len(stop), stop
+            state = following
+        self.state = state
+        return len(text) - self.states[state][0], None
 
-    def _earlier(self, stop: int, sequence: str, end: int, matched: str | None) -> bool:
-        return stop < end or stop == end and self.rank[sequence] < self.rank[matched]
+    def _move(self, state: int, letter: str, text: str, at: int) -> int:
+        depth, low, high, _, _ = self.states[state]
+        if state and high - low == 1 and self.ordered[low][depth] == letter:
+            if self._extend(state, text, at):
+                return self.moves[state][letter]
+        return self._walk(state, letter)
 
-    def _hold_from(self, text: str) -> int:
-        size, base, starts = len(text), self.base, self.starts
-        lowest = max(0, size - self.longest + 1)  # a longer tail cannot begin any sequence
-        del starts[:bisect.bisect_left(starts, base + lowest)]
-        keep, failures = size, 0
-        while starts and keep == size:
-            start = starts[0] - base
-            if failures == self.MAX_FAILURES or self._begins_one(text[start:]):
-                keep = start
-            else:  # a start disproved once is disproved for good
-                failures += 1
-                del starts[0]
-        for start in range(max(lowest, size - self.GRAM + 1), keep):  # short tails
-            if self._begins_one(text[start:]):
-                keep = start
+    def _extend(self, state: int, text: str, at: int) -> bool:
+        """Add the states of the one sequence left for as far as text[at:] follows it, in one
+        loop rather than a _walk per letter; return whether any was added."""
+        states, moves = self.states, self.moves
+        depth, low, high, fail, _ = states[state]
+        sequence, added = self.ordered[low], False
+        for letter in text[at:at + len(sequence) - depth - 1]:  # the last letter is a match
+            if sequence[depth] != letter:
                 break
-        self.base = base + keep
-        return keep
+            failing = moves[fail].get(letter)
+            if failing is None:
+                failing = self._walk(fail, letter)
+            if states[failing][4] is not None:
+                break
+            depth += 1
+            moves[state][letter] = state = len(states)
+            states.append((depth, low, high, failing, None))
+            moves.append({})
+            fail, added = failing, True
+        return added
 
-    def _begins_one(self, tail: str) -> bool:
-        i = bisect.bisect_left(self.ordered, tail)
-        return i < len(self.ordered) and self.ordered[i].startswith(tail)
+    def _walk(self, state: int, letter: str) -> int:
+        """Return the move from state on letter down its fail chain, adding the states it makes
+        and keeping the move in every state passed (each (state, letter) is walked once)."""
+        states, moves, unknown, node = self.states, self.moves, [], state
+        while True:
+            known = moves[node].get(letter)
+            if known is not None:
+                break
+            unknown.append(node)
+            if node == 0:
+                known = 0
+                break
+            node = states[node][3]
+            follows = self.follows.get(node)
+            if letter not in (follows if follows is not None else self._follows(node)):
+                known = 0  # nothing below goes on with it: the walk ends at the root at once
+                break
+        for node in reversed(unknown):  # known is now the move of the state below node
+            span = self._own(node).get(letter)
+            if span is not None:
+                known = self._child(node, span, known)
+            if states[known][4] is None:
+                moves[node][letter] = known
+        return known
+
+    def _own(self, node: int) -> dict:
+        """Return {letter: (low, high)}: the sorted sequences that go on from node with each."""
+        depth, low, high, _, _ = self.states[node]
+        if high - low == 1:
+            return {self.ordered[low][depth]: (low, high)}
+        branches = self.branches.get(node)
+        if branches is None:
+            branches = self.branches[node] = {}
+            for i in range(low, high):
+                letter = self.ordered[i][depth]
+                branches[letter] = (branches.get(letter, (i,))[0], i + 1)
+        return branches
+
+    def _follows(self, node: int) -> frozenset:
+        chain = []
+        while node not in self.follows:
+            chain.append(node)
+            if node == 0:
+                break
+            node = self.states[node][3]
+        for node in reversed(chain):
+            own = self._own(node).keys()
+            below = self.follows[self.states[node][3]] if node else frozenset()
+            self.follows[node] = below if own <= below else below | own
+        return self.follows[chain[0] if chain else node]
+
+    def _child(self, node: int, span: tuple, fail: int) -> int:
+        low, high = span
+        depth, first = self.states[node][0] + 1, self.ordered[low]
+        stop = first if len(first) == depth else None  # sorted first, a complete one is it
+        inherited = self.states[fail][4]
+        if inherited is not None and (stop is None or self.rank[inherited] < self.rank[stop]):
+            stop = inherited
+        self.states.append((depth, low, high, fail, stop))
+        self.moves.append({})
+        return len(self.states) - 1
 
 
 # == Operators: metrics =======================================================

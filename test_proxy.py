@@ -2150,20 +2150,61 @@ def test_the_stop_sequence_that_ends_first_wins():
     assert stream_cut(["bc", "abc"], ["xab", "c"]) == ("xa", "bc")  # same end: the first listed
 
 
-@pytest.mark.parametrize("sequences,piece", [
-    ([bytes(random.Random(100 + i).choices(b"abcdefghij klmnop", k=1000)).decode() for i in range(64)],
-     None),
-    (["x" * 999 + chr(0x100 + i) for i in range(64)], "x" * 100),
-    (["a" * 500 + "b" + chr(0x100 + i) * 499 for i in range(64)], "a" * 100),
-    (["ab" * 499 + "c" + chr(0x100 + i) for i in range(64)], "ab" * 50),
-])
-def test_stop_sequence_matching_stays_fast_at_the_limits(sequences, piece):
-    rnd = random.Random(5)
-    pieces = [piece or "".join(rnd.choices("abcdefghij klmnop", k=100)) for _ in range(1000)]
+def longest_held(sequences, text):
+    """Return the length of text's longest tail that begins one of the sequences."""
+    return max([n for n in range(1, len(text) + 1)
+                if any(s.startswith(text[-n:]) for s in sequences)] or [0])
+
+
+def test_stop_sequence_matching_holds_back_exactly_the_longest_possible_start():
+    rnd = random.Random(29)
+    for _ in range(400):
+        alphabet = rnd.choice(["ab", "abc", "aab "])
+        sequences = list({"".join(rnd.choice(alphabet) for _ in range(rnd.choice([1, 2, 5, 12])))
+                          for _ in range(rnd.randint(1, 5))})
+        whole = "".join(rnd.choice(alphabet + "z") for _ in range(rnd.randint(1, 80)))
+        stops, held, released, at = cgp._StopSequences(tuple(sequences)), "", "", 0
+        while at < len(whole):
+            step = rnd.randint(1, 9)
+            text, at = held + whole[at:at + step], at + step
+            cut, matched = stops.scan(text, len(held))
+            released, held = released + text[:cut], text[cut:]
+            if matched:
+                assert (released, matched) == reference_cut(sequences, whole[:at]), sequences
+                break
+            assert len(held) == longest_held(sequences, released + held), (sequences, whole)
+        else:
+            assert reference_cut(sequences, whole) == (whole, None)
+
+
+def echoed_prefixes(sequences, size):
+    """A text that follows each sequence for all but its last letter, then leaves it: every state
+    of the automaton is reached."""
+    whole = "".join(sequence[:-1] + "\n" for sequence in sequences) * (size // 1000 + 1)
+    return whole[:size]
+
+
+SHORT_WORDS = ["".join(random.Random(300 + i).choices("abcdefghij klmnop", k=4)) + "Q"
+               for i in range(64)]
+LONG_RANDOM = ["".join(random.Random(100 + i).choices("abcdefghij klmnop", k=1000))
+               for i in range(64)]
+
+
+@pytest.mark.parametrize("sequences,answer,budget", [
+    (LONG_RANDOM, None, 0.05),
+    (SHORT_WORDS, None, 0.05),
+    (["x" * 999 + chr(0x100 + i) for i in range(64)], "x" * 240_000, 0.05),
+    (["a" * 500 + "b" + chr(0x100 + i) * 499 for i in range(64)], "a" * 240_000, 0.05),
+    (["ab" * 499 + "c" + chr(0x100 + i) for i in range(64)], "ab" * 120_000, 0.05),
+    (LONG_RANDOM, echoed_prefixes(LONG_RANDOM, 240_000), 0.15),  # 64,000 states made
+], ids=["random", "short-words", "x-run", "a-run", "ab-run", "echoed-prefixes"])
+def test_stop_sequence_matching_stays_fast_at_the_limits(sequences, answer, budget):
+    answer = answer or "".join(random.Random(5).choices("abcdefghij klmnop", k=240_000))
+    pieces = [answer[at:at + 100] for at in range(0, len(answer), 100)]
     plain, _ = fold_seconds((), pieces)
     spent, message = fold_seconds(sequences, pieces)
-    assert message["stop_reason"] == "end_turn" and len(message["content"][0]["text"]) == 100_000
-    assert spent - plain < 0.05  # 64 sequences of 1,000 characters, 100 KB in 1,000 chunks
+    assert message["stop_reason"] == "end_turn" and message["content"][0]["text"] == answer
+    assert spent - plain < budget  # 64 sequences of 1,000 characters, 240 KB in 2,400 chunks
 
 
 def fold_seconds(sequences, pieces):
