@@ -2572,20 +2572,24 @@ def _token_count(meta: dict, name: str) -> int:
 class _StopSequences:
     """Find the stop sequence that ends first in streamed text; hold back only a possible start.
 
-    An Aho-Corasick automaton over the sorted sequences, built as the text reaches its states, so
-    the work is one dict lookup per character whatever the number or length of the sequences. A
-    state is the longest tail of the text that begins a sequence: (depth, low, high, fail, stop)
-    is its length, the range of sorted sequences it begins, the state of its longest proper tail
-    that begins one, and the sequence that ends with it (the first listed if several), or None.
-    moves[state] maps a letter to the next state; a move into a match is never kept, so the
-    lookup misses and the match is seen. Dicts that hold only ints are not tracked by the garbage
-    collector: a large automaton adds no collection work."""
+    An Aho-Corasick automaton over the sorted sequences, built as the text reaches its states:
+    one dict lookup per character whatever the number or length of the sequences. A state is the
+    longest tail of the text that begins a sequence; (depth, low, high, fail, stop) is its length,
+    the range of sorted sequences it begins, the state of its longest proper tail that begins one
+    (-1: worked out when needed), and the sequence that ends with it (the first listed if
+    several), or None. moves[state] maps a letter to the next state; a move into a match is never
+    kept, so the lookup misses and the match is seen. A tail that only one sequence begins is a
+    lone state: the text is compared with the rest of that sequence in one C-level startswith,
+    so echoing a 1,000-character sequence makes one state, not a thousand."""
 
     def __init__(self, sequences: tuple):
         self.rank = {sequence: i for i, sequence in reversed(list(enumerate(sequences)))}
         self.ordered = sorted(self.rank)
         self.states = [(0, 0, len(self.ordered), 0, None)]
         self.moves: list = [{}]
+        self.lone: dict = {}  # (low, depth) -> the lone state of ordered[low][:depth]
+        self.lone_fails: dict = {}  # lone state -> its fail state, once worked out
+        self.first_ends: dict = {}  # low -> (end, sequence): the first match inside ordered[low]
         self.branches: dict = {}  # state -> {letter: (low, high)}, where several sequences go on
         self.follows: dict = {}  # state -> the letters some state on its fail chain goes on with
         self.state = 0
@@ -2595,45 +2599,87 @@ class _StopSequences:
 
         text is the held tail (the current state's text) plus new text from new_from on;
         without a match, the caller holds text[cut:]."""
-        state, moves = self.state, self.moves
-        for at, letter in enumerate(text[new_from:], new_from):
+        state, at, size = self.state, new_from, len(text)
+        while at < size:
+            state, at, stop = self._run(state, text, at, size)
+            if stop is not None:
+                return at - len(stop), stop
+        self.state = state
+        return size - self.states[state][0], None
+
+    def _run(self, state: int, text: str, at: int, end: int) -> tuple:
+        """Follow text[at:end] from state to its end, a match or a jump along a lone sequence:
+        return (state, where the text was followed to, the sequence matched or None)."""
+        moves = self.moves
+        for at, letter in enumerate(text[at:end], at):
             following = moves[state].get(letter)
             if following is None:
-                following = self._move(state, letter, text, at)
+                following, after = self._move(state, letter, text, at, end)
                 stop = self.states[following][4]
-                if stop is not None:
-                    return at + 1 - len(stop), stop
+                if stop is not None or after != at + 1:
+                    return following, after, stop
             state = following
-        self.state = state
-        return len(text) - self.states[state][0], None
+        return state, end, None
 
-    def _move(self, state: int, letter: str, text: str, at: int) -> int:
+    def _move(self, state: int, letter: str, text: str, at: int, end: int) -> tuple:
         depth, low, high, _, _ = self.states[state]
         if state and high - low == 1 and self.ordered[low][depth] == letter:
-            if self._extend(state, text, at):
-                return self.moves[state][letter]
-        return self._walk(state, letter)
+            return self._jump(state, text, at, end)
+        return self._walk(state, letter), at + 1
 
-    def _extend(self, state: int, text: str, at: int) -> bool:
-        """Add the states of the one sequence left for as far as text[at:] follows it, in one
-        loop rather than a _walk per letter; return whether any was added."""
-        states, moves = self.states, self.moves
-        depth, low, high, fail, _ = states[state]
-        sequence, added = self.ordered[low], False
-        for letter in text[at:at + len(sequence) - depth - 1]:  # the last letter is a match
-            if sequence[depth] != letter:
-                break
-            failing = moves[fail].get(letter)
-            if failing is None:
-                failing = self._walk(fail, letter)
-            if states[failing][4] is not None:
-                break
-            depth += 1
-            moves[state][letter] = state = len(states)
-            states.append((depth, low, high, failing, None))
-            moves.append({})
-            fail, added = failing, True
-        return added
+    def _jump(self, state: int, text: str, at: int, end: int) -> tuple:
+        """Follow the one sequence a lone state begins for as far as text[at:end] agrees with
+        it, up to the first match inside it: return (state, position) after that."""
+        depth, low = self.states[state][:2]
+        sequence, (stop_at, stop) = self.ordered[low], self._first_end(low)
+        reach = min(end - at, stop_at - depth)
+        agreed, above = 1, reach  # text[at:at + agreed] agrees; nothing longer than above does
+        while agreed < above:
+            middle = above if agreed == 1 and above == reach else (agreed + above + 1) // 2
+            if text.startswith(sequence[depth:depth + middle], at):
+                agreed = middle
+            else:
+                above = middle - 1
+        if depth + agreed == stop_at:
+            return self._add(stop_at, low, low + 1, -1, stop), at + agreed
+        return self._lone(low, depth + agreed), at + agreed
+
+    def _first_end(self, low: int) -> tuple:
+        """Return (end, sequence) of the match that ends first inside ordered[low] (the
+        sequence itself at the latest): a lone state never follows it past that end."""
+        found = self.first_ends.get(low)
+        if found is None:
+            sequence = self.ordered[low]
+            best = (len(sequence), self.rank[sequence], sequence)
+            for other in self.ordered:
+                at = sequence.find(other, 0, best[0])
+                if at >= 0:
+                    best = min(best, (at + len(other), self.rank[other], other))
+            found = self.first_ends[low] = (best[0], best[2])
+        return found
+
+    def _lone(self, low: int, depth: int) -> int:
+        state = self.lone.get((low, depth))
+        if state is None:
+            state = self.lone[(low, depth)] = self._add(depth, low, low + 1, -1, None)
+        return state
+
+    def _add(self, depth: int, low: int, high: int, fail: int, stop: str | None) -> int:
+        self.states.append((depth, low, high, fail, stop))
+        self.moves.append({})
+        return len(self.states) - 1
+
+    def _fail(self, state: int) -> int:
+        fail = self.states[state][3]
+        if fail < 0:
+            fail = self.lone_fails.get(state)
+        if fail is None:  # the longest proper tail's state: follow the sequence from letter 1
+            depth, low = self.states[state][:2]
+            sequence, fail, at = self.ordered[low], 0, 1
+            while at < depth:  # no match inside: the stream would have stopped at it
+                fail, at, _ = self._run(fail, sequence, at, depth)
+            self.lone_fails[state] = fail
+        return fail
 
     def _walk(self, state: int, letter: str) -> int:
         """Return the move from state on letter down its fail chain, adding the states it makes
@@ -2647,7 +2693,7 @@ class _StopSequences:
             if node == 0:
                 known = 0
                 break
-            node = states[node][3]
+            node = self._fail(node)
             follows = self.follows.get(node)
             if letter not in (follows if follows is not None else self._follows(node)):
                 known = 0  # nothing below goes on with it: the walk ends at the root at once
@@ -2679,10 +2725,10 @@ class _StopSequences:
             chain.append(node)
             if node == 0:
                 break
-            node = self.states[node][3]
+            node = self._fail(node)
         for node in reversed(chain):
             own = self._own(node).keys()
-            below = self.follows[self.states[node][3]] if node else frozenset()
+            below = self.follows[self._fail(node)] if node else frozenset()
             self.follows[node] = below if own <= below else below | own
         return self.follows[chain[0] if chain else node]
 
@@ -2693,9 +2739,11 @@ class _StopSequences:
         inherited = self.states[fail][4]
         if inherited is not None and (stop is None or self.rank[inherited] < self.rank[stop]):
             stop = inherited
-        self.states.append((depth, low, high, fail, stop))
-        self.moves.append({})
-        return len(self.states) - 1
+        if stop is None and high - low == 1:
+            child = self._lone(low, depth)
+            self.lone_fails.setdefault(child, fail)
+            return child
+        return self._add(depth, low, high, fail, stop)
 
 
 # == Operators: metrics =======================================================

@@ -9,6 +9,7 @@ import errno
 import gc
 import hashlib
 import http.client
+import itertools
 import json
 import os
 import random
@@ -2160,12 +2161,16 @@ def test_stop_sequence_matching_holds_back_exactly_the_longest_possible_start():
     rnd = random.Random(29)
     for _ in range(400):
         alphabet = rnd.choice(["ab", "abc", "aab "])
-        sequences = list({"".join(rnd.choice(alphabet) for _ in range(rnd.choice([1, 2, 5, 12])))
+        sequences = list({"".join(rnd.choice(alphabet) for _ in range(rnd.choice([1, 2, 5, 12, 40])))
                           for _ in range(rnd.randint(1, 5))})
-        whole = "".join(rnd.choice(alphabet + "z") for _ in range(rnd.randint(1, 80)))
+        sequences.append("c" + sequences[0][:-1])  # its tails are the starts of another
+        pieces = [rnd.choice(sequences)[:rnd.randint(0, 40)] if rnd.random() < 0.7 else
+                  "".join(rnd.choice(alphabet + "z") for _ in range(rnd.randint(1, 6)))
+                  for _ in range(rnd.randint(1, 8))]  # deep into the sequences, and out again
+        whole = "".join(pieces)
         stops, held, released, at = cgp._StopSequences(tuple(sequences)), "", "", 0
         while at < len(whole):
-            step = rnd.randint(1, 9)
+            step = rnd.randint(1, 30)
             text, at = held + whole[at:at + step], at + step
             cut, matched = stops.scan(text, len(held))
             released, held = released + text[:cut], text[cut:]
@@ -2188,6 +2193,10 @@ SHORT_WORDS = ["".join(random.Random(300 + i).choices("abcdefghij klmnop", k=4))
                for i in range(64)]
 LONG_RANDOM = ["".join(random.Random(100 + i).choices("abcdefghij klmnop", k=1000))
                for i in range(64)]
+# Each one letter and the one before it: the longest tail of one is the start of the next.
+SHIFTED_COPIES = list(itertools.accumulate(
+    [chr(0x400 + i) for i in range(63)], lambda previous, letter: letter + previous[:999],
+    initial=LONG_RANDOM[0]))
 
 
 @pytest.mark.parametrize("sequences,answer,budget", [
@@ -2196,8 +2205,9 @@ LONG_RANDOM = ["".join(random.Random(100 + i).choices("abcdefghij klmnop", k=100
     (["x" * 999 + chr(0x100 + i) for i in range(64)], "x" * 240_000, 0.05),
     (["a" * 500 + "b" + chr(0x100 + i) * 499 for i in range(64)], "a" * 240_000, 0.05),
     (["ab" * 499 + "c" + chr(0x100 + i) for i in range(64)], "ab" * 120_000, 0.05),
-    (LONG_RANDOM, echoed_prefixes(LONG_RANDOM, 240_000), 0.15),  # 64,000 states made
-], ids=["random", "short-words", "x-run", "a-run", "ab-run", "echoed-prefixes"])
+    (LONG_RANDOM, echoed_prefixes(LONG_RANDOM, 240_000), 0.05),
+    (SHIFTED_COPIES, echoed_prefixes(SHIFTED_COPIES[::-1], 240_000), 0.05),
+], ids=["random", "short-words", "x-run", "a-run", "ab-run", "echoed", "echoed-shifted-copies"])
 def test_stop_sequence_matching_stays_fast_at_the_limits(sequences, answer, budget):
     answer = answer or "".join(random.Random(5).choices("abcdefghij klmnop", k=240_000))
     pieces = [answer[at:at + 100] for at in range(0, len(answer), 100)]
