@@ -3300,16 +3300,19 @@ class UpstreamClient:
                 break
             piece = b""  # drop the chunk sent before reading the next: two chunks held at most
             piece, last = next(pieces)
-        try:
-            return json.loads(answer)["file"]
-        except (ValueError, KeyError, TypeError):
+        uploaded = _parse_chunk(answer, "an upload answer")
+        if not isinstance(uploaded, dict) or not isinstance(uploaded.get("file"), dict):
             raise ProxyError(502, "api_error", "Gemini's upload answer had no file")
+        return uploaded["file"]
 
     def lines(self, path: str):
         """Yield the lines of a GET answer as they arrive (a JSONL result file)."""
         conn, response = self._open("GET", path)
         try:
-            for line in iter(response.readline, b""):
+            for line in iter(lambda: response.readline(MAX_SSE_LINE + 1), b""):
+                if len(line) > MAX_SSE_LINE:
+                    raise ProxyError(502, "api_error", "Gemini sent a result line over "
+                                     f"{MAX_SSE_LINE >> 20} MiB")
                 yield line
         except (OSError, http.client.HTTPException) as exc:
             raise _transport_error(exc, "downloading a file") from None
@@ -4443,8 +4446,8 @@ class _BatchService:
         if FILE_NAME_RE.match(responses_file):
             for line in self.upstream.lines(f"/{responses_file}:download?alt=media"):
                 try:
-                    answer = json.loads(line)
-                except ValueError:
+                    answer = _without_lone_surrogates(json.loads(line), line, "a batch result")
+                except (ValueError, RecursionError):
                     continue  # a blank or broken line names no request
                 if isinstance(answer, dict):
                     yield answer.get("key"), answer

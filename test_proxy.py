@@ -168,6 +168,7 @@ class FakeGemini:
         self.file_bytes = {}  # name -> content
         self.uploads = {}  # upload id -> {"file", "data", "size"}
         self.inline_limit = 20 * 1000 * 1000  # Gemini's inline batch request limit
+        self.upload_answer = None  # bytes to answer an upload's final chunk with instead
         self.cancel_async = False  # real Gemini cancels in the background
         self.refused_batch_models = set()  # models whose batchGenerateContent answers 429
         self.lock = threading.Lock()
@@ -423,6 +424,8 @@ class FakeGemini:
             return 400, {"error": gemini_error(400, "size differs from X-Goog-Upload-Header-Content-Length")}
         name = self.add_file(upload["data"], upload["mime"], upload["display"])
         upload["file"] = name
+        if self.upload_answer is not None:
+            return 200, self.upload_answer, {"X-Goog-Upload-Status": "final"}
         return 200, {"file": self.files[name]}, {"X-Goog-Upload-Status": "final"}
 
     def download(self, path):
@@ -3836,6 +3839,23 @@ def test_small_upload_declares_its_size_in_one_finalizing_chunk(gemini, proxy):
     assert len(finals) == 1 and finals[0][2]["X-Goog-Upload-Command"] == "upload, finalize"
 
 
+@pytest.mark.parametrize("upload_answer, wording", [
+    (b"[" * 100_000, "Gemini sent an upload answer the proxy could not read"),
+    (b'{"file": "files/x"}', "Gemini's upload answer had no file"),
+    (b'{"file": {"name": "files/abc", "displayName": "a\\udc00b", "mimeType": "text/plain", '
+     b'"sizeBytes": "3", "createTime": "2026-12-01T10:00:00Z"}}', None),
+])
+def test_an_odd_upload_answer_is_a_502_or_a_clean_file(gemini, proxy, upload_answer, wording):
+    gemini.upload_answer = upload_answer
+    answer = upload(proxy, b"abc", filename="a.txt", content_type="text/plain")
+    if wording:
+        assert answer.status == 502 and answer.json["error"]["message"] == wording, answer.raw
+    else:
+        assert answer.status == 200 and answer.json["filename"] == "a.txt", answer.raw
+    gemini.upload_answer = None
+    assert upload(proxy, b"abc", filename="b.txt", content_type="text/plain").status == 200
+
+
 def test_file_routes_get_list_pages_content_and_delete(gemini, proxy):
     ids = [upload(proxy, b"x" * i, filename=f"f{i}.txt", content_type="text/plain").json["id"] for i in (1, 2, 3)]
     gemini.add_file(b"{}", "application/jsonl", "claude_gemini_proxy:batch input")  # the proxy's own
@@ -4054,6 +4074,33 @@ def test_a_batch_over_the_inline_limit_goes_as_a_jsonl_file(gemini, start_proxy)
     assert {line["result"]["message"]["content"][0]["text"] for line in got} == {"Answer 0.", "Answer 1.", "Answer 2."}
     assert any(r[1].endswith(":download?alt=media") for r in gemini.requests)
     assert request(proxy, "GET", "/v1/files").json["data"] == []  # batch input and output stay hidden
+
+
+def test_a_result_file_with_lone_surrogates_and_junk_lines_still_maps_every_answer(gemini, start_proxy):
+    proxy = start_proxy(make_config(gemini, batch_inline_bytes=500))
+    batch = create_batch(proxy, *[batch_request(f"big{i}", "x" * 200) for i in range(3)])
+    (name,) = gemini_batch_names(proxy, batch["id"])
+    gemini.script = [Reply(chunk(text("broken \ud83d emoji"), finish="STOP"))]
+    gemini.end_batch(name)
+    output = gemini.batches[name]["output"]["responsesFile"]
+    gemini.file_bytes[output] = (b"[" * 100_000 + b"\n" + gemini.file_bytes[output]
+                                 + b"{" * 50 + b"\n")  # nested past the parser, and cut short
+    got = {line["custom_id"]: line["result"] for line in results(proxy, batch["id"])}
+    assert got["big0"]["message"]["content"][0]["text"] == "broken \ufffd emoji"
+    assert [got[f"big{i}"]["message"]["content"][0]["text"] for i in (1, 2)] == ["Answer 1.", "Answer 2."]
+
+
+def test_a_result_file_line_past_the_size_limit_is_a_502(gemini, start_proxy, monkeypatch):
+    monkeypatch.setattr(cgp, "MAX_SSE_LINE", 4096)
+    proxy = start_proxy(make_config(gemini, batch_inline_bytes=500))
+    batch = create_batch(proxy, batch_request("big", "x" * 600))
+    (name,) = gemini_batch_names(proxy, batch["id"])
+    gemini.end_batch(name)
+    output = gemini.batches[name]["output"]["responsesFile"]
+    gemini.file_bytes[output] = b"x" * 10_000 + b"\n" + gemini.file_bytes[output]
+    answer = request(proxy, "GET", f"/v1/messages/batches/{batch['id']}/results")
+    assert answer.status == 502 and "result line over" in answer.json["error"]["message"]
+    assert request(proxy, "GET", "/health").status == 200
 
 
 @pytest.mark.parametrize("requests, wording", [
