@@ -2569,6 +2569,11 @@ def _token_count(meta: dict, name: str) -> int:
     return count if isinstance(count, int) and count > 0 else 0
 
 
+# Past this depth of fail states worked out inside one another (five frames each), the text is
+# followed a letter at a time: states made that way know their fail, so the nesting ends there.
+MAX_FAIL_NESTING = 64
+
+
 class _StopSequences:
     """Find the stop sequence that ends first in streamed text; hold back only a possible start.
 
@@ -2592,6 +2597,7 @@ class _StopSequences:
         self.first_ends: dict = {}  # low -> (end, sequence): the first match inside ordered[low]
         self.branches: dict = {}  # state -> {letter: (low, high)}, where several sequences go on
         self.follows: dict = {}  # state -> the letters some state on its fail chain goes on with
+        self.nesting = 0  # fail states being worked out inside one another
         self.state = 0
 
     def scan(self, text: str, new_from: int) -> tuple:
@@ -2623,7 +2629,8 @@ class _StopSequences:
 
     def _move(self, state: int, letter: str, text: str, at: int, end: int) -> tuple:
         depth, low, high, _, _ = self.states[state]
-        if state and high - low == 1 and self.ordered[low][depth] == letter:
+        if state and high - low == 1 and self.ordered[low][depth] == letter and \
+                self.nesting <= MAX_FAIL_NESTING:
             return self._jump(state, text, at, end)
         return self._walk(state, letter), at + 1
 
@@ -2676,8 +2683,12 @@ class _StopSequences:
         if fail is None:  # the longest proper tail's state: follow the sequence from letter 1
             depth, low = self.states[state][:2]
             sequence, fail, at = self.ordered[low], 0, 1
-            while at < depth:  # no match inside: the stream would have stopped at it
-                fail, at, _ = self._run(fail, sequence, at, depth)
+            self.nesting += 1
+            try:
+                while at < depth:  # no match inside: the stream would have stopped at it
+                    fail, at, _ = self._run(fail, sequence, at, depth)
+            finally:
+                self.nesting -= 1
             self.lone_fails[state] = fail
         return fail
 

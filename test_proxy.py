@@ -2160,7 +2160,9 @@ def longest_held(sequences, text):
                 if any(s.startswith(text[-n:]) for s in sequences)] or [0])
 
 
-def test_stop_sequence_matching_holds_back_exactly_the_longest_possible_start():
+@pytest.mark.parametrize("nesting", [cgp.MAX_FAIL_NESTING, 0])  # 0: a letter at a time
+def test_stop_sequence_matching_holds_back_exactly_the_longest_possible_start(nesting, monkeypatch):
+    monkeypatch.setattr(cgp, "MAX_FAIL_NESTING", nesting)
     rnd = random.Random(29)
     for _ in range(400):
         alphabet = rnd.choice(["ab", "abc", "aab "])
@@ -2196,6 +2198,12 @@ SHORT_WORDS = ["".join(random.Random(300 + i).choices("abcdefghij klmnop", k=4))
                for i in range(64)]
 LONG_RANDOM = ["".join(random.Random(100 + i).choices("abcdefghij klmnop", k=1000))
                for i in range(64)]
+# Each follows the one before for a while, then leaves it: working out one fail state needs the
+# one before, 63 deep.
+NESTED_LEAVERS = [LONG_RANDOM[0]]
+for _i in range(63):
+    NESTED_LEAVERS.append(chr(0x500 + _i) + NESTED_LEAVERS[-1][:15 * _i + 20] + "Z"
+                          + LONG_RANDOM[_i + 1][:978 - 15 * _i])
 # Each one letter and the one before it: the longest tail of one is the start of the next.
 SHIFTED_COPIES = list(itertools.accumulate(
     [chr(0x400 + i) for i in range(63)], lambda previous, letter: letter + previous[:999],
@@ -2210,7 +2218,9 @@ SHIFTED_COPIES = list(itertools.accumulate(
     (["ab" * 499 + "c" + chr(0x100 + i) for i in range(64)], "ab" * 120_000, 0.05),
     (LONG_RANDOM, echoed_prefixes(LONG_RANDOM, 240_000), 0.05),
     (SHIFTED_COPIES, echoed_prefixes(SHIFTED_COPIES[::-1], 240_000), 0.05),
-], ids=["random", "short-words", "x-run", "a-run", "ab-run", "echoed", "echoed-shifted-copies"])
+    (NESTED_LEAVERS, echoed_prefixes(NESTED_LEAVERS[::-1], 240_000), 0.05),
+], ids=["random", "short-words", "x-run", "a-run", "ab-run", "echoed", "echoed-shifted-copies",
+        "echoed-nested-leavers"])
 def test_stop_sequence_matching_stays_fast_at_the_limits(sequences, answer, budget):
     answer = answer or "".join(random.Random(5).choices("abcdefghij klmnop", k=240_000))
     pieces = [answer[at:at + 100] for at in range(0, len(answer), 100)]
