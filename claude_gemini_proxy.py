@@ -84,7 +84,7 @@ try:
 except ImportError:  # pragma: no cover (Windows)
     resource = None
 
-__version__ = "1.1.0"
+__version__ = "1.1.1"
 __all__ = [
     "Config", "read_config", "map_model", "ProxyError", "UpstreamError", "Carried",
     "SignatureStore", "GeminiRequest", "to_gemini_request", "ResponseFold", "Metrics",
