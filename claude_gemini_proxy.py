@@ -2572,6 +2572,9 @@ def _token_count(meta: dict, name: str) -> int:
 # Past this depth of fail states worked out inside one another (five frames each), the text is
 # followed a letter at a time: states made that way know their fail, so the nesting ends there.
 MAX_FAIL_NESTING = 64
+# A lone state shallower than this steps a letter at a time, its moves kept: text that soon
+# leaves the sequence (most text) then costs a dict lookup, not a jump, per letter.
+JUMP_FROM_DEPTH = 8
 
 
 class _StopSequences:
@@ -2629,8 +2632,8 @@ class _StopSequences:
 
     def _move(self, state: int, letter: str, text: str, at: int, end: int) -> tuple:
         depth, low, high, _, _ = self.states[state]
-        if state and high - low == 1 and self.ordered[low][depth] == letter and \
-                self.nesting <= MAX_FAIL_NESTING:
+        if depth >= JUMP_FROM_DEPTH and high - low == 1 and self.ordered[low][depth] == letter \
+                and self.nesting <= MAX_FAIL_NESTING:
             return self._jump(state, text, at, end)
         return self._walk(state, letter), at + 1
 
@@ -2720,8 +2723,9 @@ class _StopSequences:
     def _own(self, node: int) -> dict:
         """Return {letter: (low, high)}: the sorted sequences that go on from node with each."""
         depth, low, high, _, _ = self.states[node]
-        if high - low == 1:
-            return {self.ordered[low][depth]: (low, high)}
+        letter = self.ordered[low][depth]
+        if self.ordered[high - 1][depth] == letter:  # sorted: all of them go on with it
+            return {letter: (low, high)}
         branches = self.branches.get(node)
         if branches is None:
             branches = self.branches[node] = {}

@@ -2224,8 +2224,8 @@ SHIFTED_COPIES = list(itertools.accumulate(
 def test_stop_sequence_matching_stays_fast_at_the_limits(sequences, answer, budget):
     answer = answer or "".join(random.Random(5).choices("abcdefghij klmnop", k=240_000))
     pieces = [answer[at:at + 100] for at in range(0, len(answer), 100)]
-    plain, _ = fold_seconds((), pieces)
-    spent, message = fold_seconds(sequences, pieces)
+    plain = min(fold_seconds((), pieces)[0] for _ in range(3))  # the least noisy of three
+    spent, message = min((fold_seconds(sequences, pieces) for _ in range(3)), key=lambda r: r[0])
     assert message["stop_reason"] == "end_turn" and message["content"][0]["text"] == answer
     assert spent - plain < budget  # 64 sequences of 1,000 characters, 240 KB in 2,400 chunks
 
