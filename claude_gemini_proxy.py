@@ -2587,8 +2587,9 @@ class _StopSequences:
     (-1: worked out when needed), and the sequence that ends with it (the first listed if
     several), or None. moves[state] maps a letter to the next state; a move into a match is never
     kept, so the lookup misses and the match is seen. A tail that only one sequence begins is a
-    lone state: the text is compared with the rest of that sequence in one C-level startswith,
-    so echoing a 1,000-character sequence makes one state, not a thousand."""
+    lone state; from JUMP_FROM_DEPTH letters on, the text is compared with the rest of that
+    sequence in one C-level startswith, so echoing a 1,000-character sequence makes a few
+    states, not a thousand."""
 
     def __init__(self, sequences: tuple):
         self.rank = {sequence: i for i, sequence in reversed(list(enumerate(sequences)))}
