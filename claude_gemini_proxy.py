@@ -3324,12 +3324,9 @@ class UpstreamClient:
     def lines(self, path: str):
         """Yield the lines of a GET answer as they arrive (a JSONL result file)."""
         conn, response = self._open("GET", path)
+        timeout = self.config.upstream_timeout
         try:
-            for line in iter(lambda: response.readline(MAX_SSE_LINE + 1), b""):
-                if len(line) > MAX_SSE_LINE:
-                    raise ProxyError(502, "api_error", "Gemini sent a result line over "
-                                     f"{MAX_SSE_LINE >> 20} MiB")
-                yield line
+            yield from _lines(conn, response, lambda: self.now() + timeout, self.now)
         except (OSError, http.client.HTTPException) as exc:
             raise _transport_error(exc, "downloading a file") from None
         finally:

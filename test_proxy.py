@@ -4109,7 +4109,7 @@ def test_a_result_file_line_past_the_size_limit_is_a_502(gemini, start_proxy, mo
     output = gemini.batches[name]["output"]["responsesFile"]
     gemini.file_bytes[output] = b"x" * 10_000 + b"\n" + gemini.file_bytes[output]
     answer = request(proxy, "GET", f"/v1/messages/batches/{batch['id']}/results")
-    assert answer.status == 502 and "result line over" in answer.json["error"]["message"]
+    assert answer.status == 502 and "Gemini sent a stream line longer than" in answer.json["error"]["message"]
     assert request(proxy, "GET", "/health").status == 200
 
 
