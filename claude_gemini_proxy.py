@@ -2582,7 +2582,7 @@ class _StopSequences:
 
     An Aho-Corasick automaton over the sorted sequences, built as the text reaches its states:
     one dict lookup per character whatever the number or length of the sequences. A state is the
-    longest tail of the text that begins a sequence; (depth, low, high, fail, stop) is its length,
+    longest tail of the text that begins a sequence; [depth, low, high, fail, stop] is its length,
     the range of sorted sequences it begins, the state of its longest proper tail that begins one
     (-1: worked out when needed), and the sequence that ends with it (the first listed if
     several), or None. moves[state] maps a letter to the next state; a move into a match is never
@@ -2594,10 +2594,9 @@ class _StopSequences:
     def __init__(self, sequences: tuple):
         self.rank = {sequence: i for i, sequence in reversed(list(enumerate(sequences)))}
         self.ordered = sorted(self.rank)
-        self.states = [(0, 0, len(self.ordered), 0, None)]
+        self.states = [[0, 0, len(self.ordered), 0, None]]
         self.moves: list = [{}]
         self.lone: dict = {}  # (low, depth) -> the lone state of ordered[low][:depth]
-        self.lone_fails: dict = {}  # lone state -> its fail state, once worked out
         self.first_ends: dict = {}  # low -> (end, sequence): the first match inside ordered[low]
         self.branches: dict = {}  # state -> {letter: (low, high)}, where several sequences go on
         self.follows: dict = {}  # state -> the letters some state on its fail chain goes on with
@@ -2644,9 +2643,12 @@ class _StopSequences:
         depth, low = self.states[state][:2]
         sequence, (stop_at, stop) = self.ordered[low], self._first_end(low)
         reach = min(end - at, stop_at - depth)
-        agreed, above = 1, reach  # text[at:at + agreed] agrees; nothing longer than above does
+        if text.startswith(sequence[depth:depth + reach], at):  # the usual case: all of it
+            agreed = above = reach
+        else:  # text[at:at + agreed] agrees; nothing longer than above does
+            agreed, above = 1, reach - 1
         while agreed < above:
-            middle = above if agreed == 1 and above == reach else (agreed + above + 1) // 2
+            middle = (agreed + above + 1) // 2
             if text.startswith(sequence[depth:depth + middle], at):
                 agreed = middle
             else:
@@ -2676,15 +2678,13 @@ class _StopSequences:
         return state
 
     def _add(self, depth: int, low: int, high: int, fail: int, stop: str | None) -> int:
-        self.states.append((depth, low, high, fail, stop))
+        self.states.append([depth, low, high, fail, stop])
         self.moves.append({})
         return len(self.states) - 1
 
     def _fail(self, state: int) -> int:
         fail = self.states[state][3]
-        if fail < 0:
-            fail = self.lone_fails.get(state)
-        if fail is None:  # the longest proper tail's state: follow the sequence from letter 1
+        if fail < 0:  # the longest proper tail's state: follow the sequence from letter 1
             depth, low = self.states[state][:2]
             sequence, fail, at = self.ordered[low], 0, 1
             self.nesting += 1
@@ -2693,7 +2693,7 @@ class _StopSequences:
                     fail, at, _ = self._run(fail, sequence, at, depth)
             finally:
                 self.nesting -= 1
-            self.lone_fails[state] = fail
+            self.states[state][3] = fail
         return fail
 
     def _walk(self, state: int, letter: str) -> int:
@@ -2757,7 +2757,8 @@ class _StopSequences:
             stop = inherited
         if stop is None and high - low == 1:
             child = self._lone(low, depth)
-            self.lone_fails.setdefault(child, fail)
+            if self.states[child][3] < 0:  # made by a jump, its fail not yet worked out
+                self.states[child][3] = fail
             return child
         return self._add(depth, low, high, fail, stop)
 
