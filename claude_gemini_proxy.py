@@ -3444,12 +3444,14 @@ def _pieces(conn, response, deadline, now):
 
 
 def _lines(conn, response, deadline, now):
-    """Yield the lines of a streamed body, read as _pieces() reads it."""
+    """Yield the lines of a streamed body, read as _pieces() reads it; a line longer than
+    MAX_SSE_LINE is a 502, however the pieces fell."""
     pending, size = [], 0  # pieces of the line not ended yet
     for piece in _pieces(conn, response, deadline, now):
         start = 0
         end = piece.find(b"\n") + 1
         while end:
+            _check_line_size(size + end - start)
             pending.append(piece[start:end])
             yield b"".join(pending)
             pending, size, start = [], 0, end
@@ -3457,11 +3459,15 @@ def _lines(conn, response, deadline, now):
         if start < len(piece):
             pending.append(piece[start:])
             size += len(piece) - start
-            if size > MAX_SSE_LINE:
-                raise ProxyError(502, "api_error", "Gemini sent a stream line longer than "
-                                 f"{MAX_SSE_LINE >> 20} MiB")
+            _check_line_size(size)
     if pending:
         yield b"".join(pending)
+
+
+def _check_line_size(size: int) -> None:
+    if size > MAX_SSE_LINE:
+        raise ProxyError(502, "api_error", "Gemini sent a stream line longer than "
+                         f"{MAX_SSE_LINE >> 20} MiB")
 
 
 def _parse_chunk(payload: bytes, what: str):

@@ -4100,6 +4100,30 @@ def test_a_result_file_with_lone_surrogates_and_junk_lines_still_maps_every_answ
     assert [got[f"big{i}"]["message"]["content"][0]["text"] for i in (1, 2)] == ["Answer 1.", "Answer 2."]
 
 
+class OnePieceUpstream:
+    """A connection whose body arrives in one read: _lines() sees every line whole at once."""
+
+    def __init__(self, body):
+        self.sock, self.body = socket.socket(), body
+
+    def read1(self, _size):
+        body, self.body = self.body, b""
+        return body
+
+    def read(self):
+        return b""
+
+
+def test_a_line_past_the_limit_is_refused_even_when_it_arrives_in_one_piece(monkeypatch):
+    monkeypatch.setattr(cgp, "MAX_SSE_LINE", 4096)
+    upstream = OnePieceUpstream(b"ab\ncd\nef")
+    with upstream.sock:
+        assert list(cgp._lines(upstream, upstream, lambda: 60.0, lambda: 0.0)) == [b"ab\n", b"cd\n", b"ef"]
+    upstream = OnePieceUpstream(b"x" * 10_000 + b"\n{}\n")
+    with upstream.sock, pytest.raises(cgp.ProxyError, match="stream line longer than"):
+        list(cgp._lines(upstream, upstream, lambda: 60.0, lambda: 0.0))
+
+
 def test_a_result_file_line_past_the_size_limit_is_a_502(gemini, start_proxy, monkeypatch):
     monkeypatch.setattr(cgp, "MAX_SSE_LINE", 4096)
     proxy = start_proxy(make_config(gemini, batch_inline_bytes=500))
